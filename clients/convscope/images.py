@@ -1,0 +1,42 @@
+"""Turn what a user has in hand into a ``convscope.v1.Image`` message.
+
+Accepted: a path (str or pathlib.Path), encoded bytes (PNG/JPEG), a PIL image, a uint8 HxWxC / HxW
+array (pixels, preprocessed by the server), or a float32 array in the model's input shape (used as the
+model input unchanged).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+from convscope.tensors import to_tensor
+from convscope.v1 import tensor_pb2
+
+
+def to_image_message(image) -> tensor_pb2.Image:
+    if isinstance(image, tensor_pb2.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            return tensor_pb2.Image(encoded=f.read())
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return tensor_pb2.Image(encoded=bytes(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.float64:
+            image = image.astype(np.float32)
+        if image.dtype not in (np.uint8, np.float32):
+            raise TypeError(f"image arrays must be uint8 pixels or float32 model inputs, not {image.dtype}")
+        return tensor_pb2.Image(array=to_tensor(image))
+    try:
+        from PIL import Image as PILImage
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        PILImage = None
+    if PILImage is not None and isinstance(image, PILImage.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return tensor_pb2.Image(encoded=buffer.getvalue())
+    raise TypeError(f"cannot send {type(image).__name__} as an image: give a path, bytes, a PIL image, "
+                    "a uint8 HxWxC array or a float32 model-input array")

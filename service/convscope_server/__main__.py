@@ -1,0 +1,3 @@
+from convscope_server.app import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""gRPC servicers: proto messages <-> domain objects. No maths here."""

@@ -1,0 +1,128 @@
+"""Start-up: load the repository, build the gRPC server (health, reflection, interceptors), stop gracefully.
+
+Health (grpc.health.v1): the empty service name and ``convscope.v1.ModelService`` answer SERVING while the
+server runs; each model has its own entry ``model/<name>``, SERVING when loaded and NOT_SERVING when it
+failed to load. On SIGTERM every entry turns NOT_SERVING, new calls are refused and in-flight calls get
+``grace_seconds`` to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from convscope.v1 import model_pb2, model_pb2_grpc
+from convscope_server import config as config_module
+from convscope_server.api.model_service import ModelService
+from convscope_server.config import ServerConfig
+from convscope_server.errors import ErrorInterceptor, TokenInterceptor
+from convscope_server.repository import ModelRepository
+
+log = logging.getLogger("convscope_server")
+
+MODEL_SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+
+
+def model_health_name(name: str) -> str:
+    return f"model/{name}"
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    repository: ModelRepository
+    health: health.HealthServicer
+    config: ServerConfig
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Mark everything NOT_SERVING, refuse new calls, let in-flight calls finish, then stop."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
+
+
+def create_server(config: ServerConfig, repository: ModelRepository | None = None) -> RunningServer:
+    """Load the repository (unless given) and start serving on ``config.host:config.port``."""
+    if repository is None:
+        repository = ModelRepository(config.repository, config.device, config.ort_threads)
+        repository.load_all()
+    interceptors = [ErrorInterceptor()]
+    if config.token:
+        interceptors.insert(0, TokenInterceptor(config.token))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="convscope"),
+        interceptors=interceptors,
+        options=[("grpc.max_send_message_length", config.max_message_bytes),
+                 ("grpc.max_receive_message_length", config.max_message_bytes),
+                 ("grpc.so_reuseport", 0)],
+    )
+    model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(repository, config), server)
+
+    health_servicer = health.HealthServicer(experimental_non_blocking=True,
+                                            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", MODEL_SERVICE):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for name in repository.names():
+        loaded, _ = repository.status(name)
+        health_servicer.set(model_health_name(name), health_pb2.HealthCheckResponse.SERVING if loaded
+                            else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    reflection.enable_server_reflection(
+        (MODEL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    server.start()
+    return RunningServer(server, port, repository, health_servicer, config)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="convscope-server", description="Serve the convscope gRPC API "
+                                     "over a model repository.")
+    config_module.add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_module.from_arguments(args)
+    try:
+        running = create_server(config)
+    except (OSError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 1
+    models = ", ".join(f"{n}{'' if running.repository.status(n)[0] else ' (failed)'}"
+                       for n in running.repository.names()) or "none"
+    # Scripts and tests read this line to learn the port (with --port 0).
+    print(f"convscope-server listening on {config.host}:{running.port} (models: {models})", flush=True)
+
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %s: stopping (grace %.0f s)", signal.Signals(signum).name, config.grace_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping.wait(0.5):
+        pass
+    running.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Server settings: command-line flags, each with a CONVSCOPE_* environment variable as its default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    host: str = "[::]"
+    port: int = 50051                      # 0 picks a free port (reported at start-up)
+    repository: Path = Path("models")      # the model repository: <repository>/<name>/model.onnx
+    workers: int = 8                       # request threads
+    max_message_bytes: int = 64 * 1024 * 1024
+    token: str | None = None               # when set, every call but health checks needs "Bearer <token>"
+    max_batch: int = 64                    # images per request
+    max_image_pixels: int = 40_000_000     # per decoded image (guards against decompression bombs)
+    ort_batch: int = 16                    # images per onnxruntime run on dynamic-batch models
+    ort_threads: int = 0                   # intra-op threads per session; 0 lets onnxruntime choose
+    device: str = "auto"                   # "auto" (CUDA when onnxruntime has it) or "cpu"
+    grace_seconds: float = 10.0            # in-flight calls get this long to finish on SIGTERM
+
+
+def _env(name: str, default):
+    value = os.environ.get(f"CONVSCOPE_{name.upper()}")
+    if value is None:
+        return default
+    return type(default)(value) if default is not None and not isinstance(default, Path) else (
+        Path(value) if isinstance(default, Path) else value)
+
+
+def add_arguments(parser) -> None:
+    defaults = ServerConfig()
+    helps = {
+        "host": "address to bind", "port": "port to bind (0 picks a free one)",
+        "repository": "model repository folder", "workers": "request threads",
+        "max_message_bytes": "largest gRPC message sent or received",
+        "token": "require 'authorization: Bearer TOKEN' on every call but health checks",
+        "max_batch": "most images in one request", "max_image_pixels": "most pixels in one decoded image",
+        "ort_batch": "images per onnxruntime run", "ort_threads": "intra-op threads per session (0: auto)",
+        "device": "auto (CUDA when available) or cpu", "grace_seconds": "grace period on SIGTERM",
+    }
+    for name, default in vars(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        kind = Path if name == "repository" else (str if default is None else type(default))
+        parser.add_argument(flag, type=kind, default=_env(name, default),
+                            help=f"{helps[name]} (env CONVSCOPE_{name.upper()}, default {default})")
+
+
+def from_arguments(args) -> ServerConfig:
+    return ServerConfig(**{name: getattr(args, name) for name in vars(ServerConfig())})

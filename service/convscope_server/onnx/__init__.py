@@ -1,0 +1,1 @@
+"""ONNX graph handling: safe loading, graph description and receptive fields, onnxruntime sessions."""
