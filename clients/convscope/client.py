@@ -138,8 +138,10 @@ class Client:
         return [ModelSummary(m.name, m.ready, m.error, m.execution_provider, m.num_classes)
                 for m in response.models]
 
-    def describe(self, model: str) -> ModelDescription:
-        r = self._call(self._models.DescribeModel, model_pb2.DescribeModelRequest(model=model))
+    def describe(self, model: str, layers: Sequence[str] = ()) -> ModelDescription:
+        """Inputs, outputs, preprocessing and tensors (all, or only ``layers``) with receptive fields."""
+        request = model_pb2.DescribeModelRequest(model=model, layers=list(layers))
+        r = self._call(self._models.DescribeModel, request)
 
         def spec(t):
             return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "dim_names": list(t.dim_names)}

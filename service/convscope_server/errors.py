@@ -32,10 +32,11 @@ class InvalidArgument(ServiceError):
 class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
-    def __init__(self, kind: str, name: str, known=()):
+    def __init__(self, field: str, kind: str, name: str, known=()):
         close = difflib.get_close_matches(name, list(known), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        super().__init__(f"unknown {kind} {name!r}{hint}")
+        super().__init__(f"{field}: unknown {kind} {name!r}{hint}")
+        self.field = field
 
 
 class ResourceExhausted(ServiceError):

@@ -91,7 +91,7 @@ class LoadedModel:
         try:
             return self._layer_index[name]
         except KeyError:
-            raise NotFound(f"{field_name}", name, [layer.name for layer in self.layers]) from None
+            raise NotFound(field_name, "layer", name, [layer.name for layer in self.layers]) from None
 
     def label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else f"class {index}"
@@ -268,4 +268,4 @@ class ModelRepository:
             return model
         if error is not None:
             raise FailedPrecondition(f"{field_name}: model {name!r} is not available: {error}")
-        raise NotFound("model", name, self.names())
+        raise NotFound(field_name, "model", name, self.names())

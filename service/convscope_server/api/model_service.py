@@ -69,6 +69,8 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
     def DescribeModel(self, request, context):
         model = require_model(self.repository, request.model)
         config = model.config
+        layers = ([model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
+                  if request.layers else model.layers)
         types = tensor_types(model.proto)
         initializers = {init.name for init in model.proto.graph.initializer}
         preprocessing = model_pb2.Preprocessing(
@@ -81,7 +83,7 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             inputs=[_spec(v.name, types) for v in model.proto.graph.input if v.name not in initializers],
             outputs=[_spec(v.name, types) for v in model.proto.graph.output],
             logits_output=config.logits_output, preprocessing=preprocessing,
-            layers=[_layer(layer) for layer in model.layers], num_classes=model.num_classes,
+            layers=[_layer(layer) for layer in layers], num_classes=model.num_classes,
             has_labels=bool(model.labels), fixed_batch=model.fixed_batch, guessed=config.guessed,
             execution_provider=model.execution_provider, opset=opset,
             producer=f"{model.proto.producer_name} {model.proto.producer_version}".strip())

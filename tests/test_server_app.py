@@ -1,0 +1,113 @@
+"""Health, reflection, the stand-alone server process (SIGTERM), the CLI, and the stubs/packaging contract."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import ROOT, png_bytes
+
+BIN = Path(sys.executable).parent
+
+
+def test_health_overall_and_per_model(server):
+    with grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status(service):
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+        assert status("") == health_pb2.HealthCheckResponse.SERVING
+        assert status("convscope.v1.ModelService") == health_pb2.HealthCheckResponse.SERVING
+        assert status("model/efficientnet_lite0") == health_pb2.HealthCheckResponse.SERVING
+        assert status("model/truncated") == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as error:
+            status("model/nope")
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_and_describes_the_services(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="convscope.v1.ModelService")]
+        responses = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
+    services = {s.name for s in responses[0].list_services_response.service}
+    assert {"convscope.v1.ModelService", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= services
+    assert responses[1].file_descriptor_response.file_descriptor_proto  # clients in any language can discover
+
+
+def _start_process(repository, *extra):
+    process = subprocess.Popen([str(BIN / "convscope-server"), "--port", "0", "--host", "127.0.0.1",
+                                "--repository", str(repository), "--log-level", "WARNING", *extra],
+                               stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert "listening on" in line, line
+    return process, "127.0.0.1:" + line.split("listening on ")[1].split()[0].rsplit(":", 1)[1]
+
+
+def test_server_process_serves_and_stops_gracefully_on_sigterm(repository):
+    process, address = _start_process(repository, "--grace-seconds", "5")
+    try:
+        with grpc.insecure_channel(address) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_cli_models_describe_predict(server, tmp_path, chelsea, coffee):
+    (tmp_path / "chelsea.png").write_bytes(png_bytes(chelsea))
+    (tmp_path / "coffee.png").write_bytes(png_bytes(coffee))
+
+    def cli(*args):
+        return subprocess.run([str(BIN / "convscope"), "--server", server.address, *args],
+                              capture_output=True, text=True, timeout=120)
+
+    models = cli("models")
+    assert models.returncode == 0 and "efficientnet_lite0" in models.stdout and "FAILED" in models.stdout
+    describe = cli("describe", "efficientnet_lite0", "--op", "Conv")
+    assert describe.returncode == 0
+    assert "/_conv_stem/Conv_output_0" in describe.stdout and "49 of" in describe.stdout
+    predict = cli("predict", "efficientnet_lite0", str(tmp_path / "chelsea.png"), str(tmp_path / "coffee.png"),
+                  "--top", "3")
+    assert predict.returncode == 0, predict.stderr
+    assert "Egyptian cat" in predict.stdout and "espresso" in predict.stdout
+    missing = cli("describe", "efficientnet_lite")
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr and "efficientnet_lite0" in missing.stderr
+
+
+def test_stubs_are_generated_from_protos(tmp_path):
+    """clients/convscope/v1 must be exactly what scripts/gen_protos makes from protos/."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    subprocess.run([str(ROOT / "scripts" / "gen_protos"), str(tmp_path)], check=True, env=env)
+    generated = sorted(p.name for p in (tmp_path / "convscope" / "v1").iterdir())
+    committed = ROOT / "clients" / "convscope" / "v1"
+    assert generated, "gen_protos produced nothing"
+    stale = [name for name in generated
+             if not (committed / name).exists() or not filecmp.cmp(tmp_path / "convscope" / "v1" / name,
+                                                                    committed / name, shallow=False)]
+    assert not stale, f"stale stubs, run scripts/gen_protos: {stale}"
+
+
+def test_client_depends_on_grpc_protobuf_numpy_pillow_only():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {dep.split(">")[0].split("=")[0].split("<")[0].strip() for dep in project["dependencies"]}
+    assert names == {"grpcio", "protobuf", "numpy", "pillow"}
+    code = ("import sys, convscope, convscope.cli; heavy = {'torch', 'onnxruntime', 'onnx', 'convscope_server'}"
+            " & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
