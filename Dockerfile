@@ -1,0 +1,21 @@
+# convscope server image. Stage 1 builds the default model with torch; the runtime stage has no torch.
+#   docker build -t convscope .                       (CPU onnxruntime)
+#   docker build -t convscope-gpu --build-arg ORT=gpu .   (onnxruntime-gpu; run with a GPU reservation)
+FROM python:3.11-slim AS model
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY clients clients
+COPY service service
+COPY models models
+RUN pip install --no-cache-dir ".[server,cpu,build]" && python models/build_efficientnet_lite0.py
+
+FROM python:3.11-slim
+ARG ORT=cpu
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY clients clients
+COPY service service
+RUN pip install --no-cache-dir ".[server,${ORT}]"
+COPY --from=model /src/models /models
+EXPOSE 50051
+ENTRYPOINT ["convscope-server", "--repository", "/models", "--port", "50051"]
