@@ -7,13 +7,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from convscope.errors import from_rpc_error
 from convscope.images import to_image_message
-from convscope.v1 import model_pb2, model_pb2_grpc
+from convscope.tensors import from_tensor as _from_tensor
+from convscope.v1 import inspect_pb2, inspect_pb2_grpc, model_pb2, model_pb2_grpc
 
 DEFAULT_TARGET = os.environ.get("CONVSCOPE_SERVER", "localhost:50051")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def from_tensor(tensor) -> np.ndarray:
+    return _from_tensor(tensor).copy()  # writable, owned by the caller
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,63 @@ class ModelDescription:
         return self._by_name[name]
 
 
+@dataclass(frozen=True)
+class Filters:
+    layer: str
+    conv_node: str
+    weights: np.ndarray        # (out, in / group, kh, kw)
+    group: int
+    rgb: bool
+    depthwise: bool
+    png: bytes
+
+
+@dataclass(frozen=True)
+class Activation:
+    values: np.ndarray         # (N, ...) in the tensor's own layout
+    layout: str
+    stats: dict                # per channel: mean, min, max, zero_fraction (numpy arrays)
+    png: list[bytes]           # one channel grid per image, when rendered
+
+
+@dataclass(frozen=True)
+class DeadFilters:
+    channels: int
+    dead: list[int]
+    constant: list[int]
+
+
+@dataclass(frozen=True)
+class OcclusionResult:
+    target: int
+    label: str
+    base_probability: float
+    base_logit: float
+    probability: np.ndarray    # (rows, cols) with the window at each position
+    logit: np.ndarray
+    rows: list[int]
+    cols: list[int]
+    attribution: np.ndarray    # (H, W), Captum-Occlusion style
+    forward_passes: int
+    heatmap_png: bytes
+    overlay_png: bytes
+
+
+@dataclass(frozen=True)
+class ScoreCamResult:
+    target: int
+    label: str
+    layer: str
+    cam: np.ndarray            # (H, W) in [0, 1]
+    channel_weights: np.ndarray
+    forward_passes: int
+    heatmap_png: bytes
+    overlay_png: bytes
+
+
+_BASELINES = {"constant": 0, "mean": 1, "blur": 2}
+
+
 def _tls_credentials(tls) -> grpc.ChannelCredentials:
     if isinstance(tls, grpc.ChannelCredentials):
         return tls
@@ -111,6 +174,7 @@ class Client:
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._models = model_pb2_grpc.ModelServiceStub(self._channel)
+        self._inspect = inspect_pb2_grpc.InspectServiceStub(self._channel)
 
     # -- plumbing -------------------------------------------------------------------------------------
     def __enter__(self) -> Client:
@@ -131,6 +195,24 @@ class Client:
             return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    def _stream(self, method, request, progress=None, timeout=None):
+        """Consume a job's event stream: progress events go to ``progress(step, total, stage)``; returns
+        the result message. Interrupting (Ctrl-C) cancels the call, which stops the work on the server."""
+        call = method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        try:
+            for event in call:
+                if event.WhichOneof("event") == "progress":
+                    if progress is not None:
+                        progress(event.progress.step, event.progress.total, event.progress.stage)
+                else:
+                    return event.result
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        except BaseException:
+            call.cancel()
+            raise
+        raise from_rpc_error(call) if call.code() != grpc.StatusCode.OK else RuntimeError("stream ended without a result")
 
     # -- models ---------------------------------------------------------------------------------------
     def models(self) -> list[ModelSummary]:
@@ -173,3 +255,67 @@ class Client:
         results = [[ClassScore(s.index, s.label, s.probability, s.logit) for s in r.top]
                    for r in response.results]
         return results[0] if single else results
+
+    # -- forward-only inspection (onnxruntime) ---------------------------------------------------------
+    def filters(self, model: str, layer: str, *, render: bool = False, max_filters: int = 0,
+                max_channels: int = 0) -> Filters:
+        """Weights of a Conv layer; ``render`` adds a PNG grid (first layer in colour)."""
+        r = self._call(self._inspect.Filters, inspect_pb2.FiltersRequest(
+            model=model, layer=layer, render=render, max_filters=max_filters, max_channels=max_channels))
+        return Filters(r.layer, r.conv_node, from_tensor(r.weights), r.group, r.rgb, r.depthwise, r.png)
+
+    def activations(self, model: str, images, layers: Sequence[str], *, render: bool = False,
+                    max_channels: int = 0) -> dict[str, Activation]:
+        """Values of ``layers`` for one image or a list of images, keyed by tensor name."""
+        batch = images if isinstance(images, (list, tuple)) else [images]
+        r = self._call(self._inspect.Activations, inspect_pb2.ActivationsRequest(
+            model=model, images=[to_image_message(i) for i in batch], layers=list(layers), render=render,
+            max_channels=max_channels))
+        return {a.layer: Activation(from_tensor(a.values), a.layout,
+                                    {k: np.asarray(getattr(a.stats, k)) for k in ("mean", "min", "max", "zero_fraction")},
+                                    list(a.png)) for a in r.layers}
+
+    def dead_filters(self, model: str, images, layers: Sequence[str] = (), *,
+                     tolerance: float = 0.0) -> dict[str, DeadFilters]:
+        """Channels zero (or constant) for every image; all Conv outputs unless ``layers`` is given."""
+        r = self._call(self._inspect.DeadFilters, inspect_pb2.DeadFiltersRequest(
+            model=model, images=[to_image_message(i) for i in images], layers=list(layers), tolerance=tolerance))
+        return {d.layer: DeadFilters(d.channels, list(d.dead), list(d.constant)) for d in r.layers}
+
+    def occlusion(self, model: str, image, target: int | None = None, *, window: int | tuple[int, int] = 16,
+                  stride: int | tuple[int, int] | None = None, baseline: str | float = "constant",
+                  blur_sigma: float = 0.0, score: str = "probability", render: bool = False,
+                  progress=None, timeout: float | None = None) -> OcclusionResult:
+        """Occlusion sensitivity. ``baseline``: a number (model-input space), "constant" (0), "mean" or
+        "blur"; ``score``: "probability" or "logit"; ``target`` None means the predicted class."""
+        wh, ww = (window, window) if isinstance(window, int) else window
+        sh, sw = (None, None) if stride is None else (stride, stride) if isinstance(stride, int) else stride
+        constant = 0.0
+        if isinstance(baseline, (int, float)):
+            baseline, constant = "constant", float(baseline)
+        if baseline not in _BASELINES:
+            raise ValueError(f"baseline must be a number or one of {list(_BASELINES)}")
+        if score not in ("probability", "logit"):
+            raise ValueError("score must be 'probability' or 'logit'")
+        request = inspect_pb2.OcclusionRequest(
+            model=model, image=to_image_message(image), window_h=wh, window_w=ww, baseline=_BASELINES[baseline], constant=constant, blur_sigma=blur_sigma,
+            score=inspect_pb2.SCORE_LOGIT if score == "logit" else inspect_pb2.SCORE_PROBABILITY, render=render)
+        if sh is not None:
+            request.stride_h, request.stride_w = sh, sw
+        if target is not None:
+            request.target = target
+        r = self._stream(self._inspect.Occlusion, request, progress, timeout)
+        return OcclusionResult(r.target, r.label, r.base_probability, r.base_logit, from_tensor(r.probability),
+                               from_tensor(r.logit), list(r.rows), list(r.cols), from_tensor(r.attribution),
+                               r.forward_passes, r.heatmap_png, r.overlay_png)
+
+    def score_cam(self, model: str, image, layer: str, target: int | None = None, *, batch_size: int = 0,
+                  render: bool = False, progress=None, timeout: float | None = None) -> ScoreCamResult:
+        """Score-CAM map of ``layer`` for ``target`` (None: the predicted class)."""
+        request = inspect_pb2.ScoreCamRequest(model=model, image=to_image_message(image), layer=layer,
+                                              batch_size=batch_size, render=render)
+        if target is not None:
+            request.target = target
+        r = self._stream(self._inspect.ScoreCam, request, progress, timeout)
+        return ScoreCamResult(r.target, r.label, r.layer, from_tensor(r.cam), from_tensor(r.channel_weights),
+                              r.forward_passes, r.heatmap_png, r.overlay_png)

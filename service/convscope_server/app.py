@@ -1,6 +1,6 @@
 """Start-up: load the repository, build the gRPC server (health, reflection, interceptors), stop gracefully.
 
-Health (grpc.health.v1): the empty service name and ``convscope.v1.ModelService`` answer SERVING while the
+Health (grpc.health.v1): the empty service name and each convscope service answer SERVING while the
 server runs; each model has its own entry ``model/<name>``, SERVING when loaded and NOT_SERVING when it
 failed to load. On SIGTERM every entry turns NOT_SERVING, new calls are refused and in-flight calls get
 ``grace_seconds`` to finish.
@@ -20,8 +20,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from convscope.v1 import model_pb2, model_pb2_grpc
+from convscope.v1 import inspect_pb2, inspect_pb2_grpc, model_pb2, model_pb2_grpc
 from convscope_server import config as config_module
+from convscope_server.api.inspect_service import InspectService
 from convscope_server.api.model_service import ModelService
 from convscope_server.config import ServerConfig
 from convscope_server.errors import ErrorInterceptor, TokenInterceptor
@@ -30,6 +31,7 @@ from convscope_server.repository import ModelRepository
 log = logging.getLogger("convscope_server")
 
 MODEL_SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+INSPECT_SERVICE = inspect_pb2.DESCRIPTOR.services_by_name["InspectService"].full_name
 
 
 def model_health_name(name: str) -> str:
@@ -70,11 +72,12 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
                  ("grpc.so_reuseport", 0)],
     )
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(repository, config), server)
+    inspect_pb2_grpc.add_InspectServiceServicer_to_server(InspectService(repository, config), server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", MODEL_SERVICE):
+    for service in ("", MODEL_SERVICE, INSPECT_SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     for name in repository.names():
         loaded, _ = repository.status(name)
@@ -82,7 +85,7 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
                             else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     reflection.enable_server_reflection(
-        (MODEL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (MODEL_SERVICE, INSPECT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:

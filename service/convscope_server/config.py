@@ -17,6 +17,7 @@ class ServerConfig:
     token: str | None = None               # when set, every call but health checks needs "Bearer <token>"
     max_batch: int = 64                    # images per request
     max_image_pixels: int = 40_000_000     # per decoded image (guards against decompression bombs)
+    max_forward_passes: int = 20_000       # per request (occlusion windows, Score-CAM channels, ...)
     ort_batch: int = 16                    # images per onnxruntime run on dynamic-batch models
     ort_threads: int = 0                   # intra-op threads per session; 0 lets onnxruntime choose
     device: str = "auto"                   # "auto" (CUDA when onnxruntime has it) or "cpu"
@@ -38,7 +39,8 @@ def add_arguments(parser) -> None:
         "repository": "model repository folder", "workers": "request threads",
         "max_message_bytes": "largest gRPC message sent or received",
         "token": "require 'authorization: Bearer TOKEN' on every call but health checks",
-        "max_batch": "most images in one request", "max_image_pixels": "most pixels in one decoded image",
+        "max_batch": "most images in one request",
+        "max_forward_passes": "most forward passes one request may cost", "max_image_pixels": "most pixels in one decoded image",
         "ort_batch": "images per onnxruntime run", "ort_threads": "intra-op threads per session (0: auto)",
         "device": "auto (CUDA when available) or cpu", "grace_seconds": "grace period on SIGTERM",
     }

@@ -37,6 +37,7 @@ import onnx
 from convscope_server.errors import FailedPrecondition, NotFound
 from convscope_server.onnx.graph import LayerInfo, describe_graph, tensor_types
 from convscope_server.onnx.loading import ModelLoadError, inside, load_model
+from convscope_server.onnx.probes import ProbeCache
 from convscope_server.onnx.session import create_session
 
 log = logging.getLogger("convscope_server")
@@ -79,6 +80,7 @@ class LoadedModel:
     num_classes: int
     session: object                 # onnxruntime.InferenceSession with every optimisation on
     execution_provider: str
+    probes: ProbeCache              # sessions that expose inner tensors, cached by tensor set
     _layer_index: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
 
     def layer(self, name: str, field_name: str = "layer") -> LayerInfo:
@@ -213,7 +215,7 @@ def load_folder(name: str, folder: Path, device: str = "auto", threads: int = 0)
     except Exception as error:  # onnxruntime raises its own types for unsupported ops and bad graphs
         raise ModelLoadError(f"onnxruntime cannot load the model: {error}") from None
     return LoadedModel(name, folder, proto, config, labels, layers, max(batch_dim, 0), num_classes, session,
-                       session.get_providers()[0])
+                       session.get_providers()[0], ProbeCache(proto, device, threads))
 
 
 class ModelRepository:

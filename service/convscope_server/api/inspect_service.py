@@ -1,0 +1,224 @@
+"""InspectService: filters, activations, dead filters, occlusion, Score-CAM (forward-only, onnxruntime)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from convscope.v1 import inspect_pb2, inspect_pb2_grpc
+from convscope_server import render
+from convscope_server.api.model_service import model_inputs, require_model
+from convscope_server.api.streaming import stream_job
+from convscope_server.errors import InvalidArgument, ResourceExhausted
+from convscope_server.forward import activations as acts
+from convscope_server.forward import filters as filt
+from convscope_server.forward.backend import OrtBackend
+from convscope_server.forward.occlusion import forward_passes, gaussian_blur, occlusion
+from convscope_server.forward.score_cam import score_cam
+from convscope_server.images import to_model_input
+from convscope_server.onnx.graph import constants
+from convscope_server.tensors import to_tensor
+
+
+def _positive(value: int, default: int, field: str) -> int:
+    if value < 0:
+        raise InvalidArgument(field, f"must be positive, got {value}")
+    return value or default
+
+
+def _optional_size(request, field: str, default: int) -> int:
+    if not request.HasField(field):
+        return default
+    value = getattr(request, field)
+    if value <= 0:
+        raise InvalidArgument(field, f"must be a positive number of pixels, got {value}")
+    return value
+
+
+def input_axes(model) -> tuple[int, tuple[int, int]]:
+    """(channel axis, (height axis, width axis)) of one model-input sample (no batch axis)."""
+    return (0, (1, 2)) if model.config.layout == "NCHW" else (2, (0, 1))
+
+
+def single_input(model, request, limits) -> np.ndarray:
+    if not request.HasField("image"):
+        raise InvalidArgument("image", "required")
+    return to_model_input(request.image, model.config, "image", limits.max_image_pixels)
+
+
+def resolve_target(model, backend, request, sample) -> int:
+    if request.HasField("target"):
+        if not 0 <= request.target < model.num_classes:
+            raise InvalidArgument("target", f"{request.target} is outside the model's classes "
+                                  f"0..{model.num_classes - 1}")
+        return int(request.target)
+    return int(np.argmax(backend.logits(sample[None])[0]))
+
+
+def check_passes(passes: int, limits, what: str) -> None:
+    if passes > limits.max_forward_passes:
+        raise ResourceExhausted(f"{what}: {passes} forward passes is over the limit of {limits.max_forward_passes}")
+
+
+class InspectService(inspect_pb2_grpc.InspectServiceServicer):
+    def __init__(self, repository, limits):
+        self.repository = repository
+        self.limits = limits
+
+    def _backend(self, model) -> OrtBackend:
+        return OrtBackend(model, self.limits.ort_batch)
+
+    def Filters(self, request, context):
+        model = require_model(self.repository, request.model)
+        if not request.layer:
+            raise InvalidArgument("layer", "required: name a Conv output (see DescribeModel)")
+        layer = model.layer(request.layer)
+        node = next((n for n in model.proto.graph.node if layer.name in n.output), None)
+        if node is None or node.op_type != "Conv":
+            raise InvalidArgument("layer", f"{layer.name!r} is made by {layer.op_type}, not Conv; filters exist "
+                                  "for Conv outputs")
+        weights = constants(model.proto).get(node.input[1])
+        if weights is None:
+            raise InvalidArgument("layer", f"the weights of {node.name!r} are computed in the graph, not stored")
+        source = model.layer(node.input[0])
+        sees_pixels = source.spatial is not None and source.spatial.h.size == 1 and source.spatial.w.size == 1
+        filters = filt.conv_filters(node, weights, sees_pixels, model.config.channels)
+        response = inspect_pb2.FiltersResponse(layer=layer.name, conv_node=filters.conv_node,
+                                               weights=to_tensor(weights.astype(np.float32)),
+                                               group=filters.group, rgb=filters.rgb, depthwise=filters.depthwise)
+        if request.render:
+            response.png = render.png(filt.render_filters(
+                filters, _positive(request.max_filters, 64, "max_filters"),
+                _positive(request.max_channels, 16, "max_channels"), model.config.channel_order == "BGR"))
+        return response
+
+    def Activations(self, request, context):
+        model = require_model(self.repository, request.model)
+        if not request.layers:
+            raise InvalidArgument("layers", "name at least one tensor (see DescribeModel)")
+        layers = [model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
+        max_channels = _positive(request.max_channels, 64, "max_channels")
+        batch = model_inputs(model, request.images, self.limits)
+        values = self._backend(model).tensors(batch, [layer.name for layer in layers])
+        response = inspect_pb2.ActivationsResponse(execution_provider=model.execution_provider)
+        for layer in layers:
+            value = values[layer.name]
+            first = acts.channels_first(value, layer.layout)
+            entry = inspect_pb2.LayerActivations(layer=layer.name, values=to_tensor(value), layout=layer.layout)
+            if first.ndim >= 2:
+                stats = acts.channel_stats(first)
+                entry.stats.CopyFrom(inspect_pb2.ChannelStats(**{k: v.tolist() for k, v in stats.items()}))
+            if request.render and first.ndim == 4:
+                top = float(first.max())
+                entry.png.extend(render.png(acts.activation_grid(sample, max_channels, top)) for sample in first)
+            response.layers.append(entry)
+        return response
+
+    def DeadFilters(self, request, context):
+        model = require_model(self.repository, request.model)
+        if request.tolerance < 0:
+            raise InvalidArgument("tolerance", f"must be >= 0, got {request.tolerance}")
+        if request.layers:
+            layers = [model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
+        else:
+            layers = [layer for layer in model.layers if layer.op_type == "Conv"]
+        batch = model_inputs(model, request.images, self.limits)
+        scan = acts.DeadFilterScan(request.tolerance)
+        backend = self._backend(model)
+        names = [layer.name for layer in layers]
+        for begin in range(0, len(batch), self.limits.ort_batch):
+            for layer, (name, value) in zip(layers, backend.tensors(batch[begin: begin + self.limits.ort_batch],
+                                                                    names).items()):
+                scan.add(name, acts.channels_first(value, layer.layout))
+        response = inspect_pb2.DeadFiltersResponse(images=len(batch))
+        for name in names:
+            report = scan.report(name)
+            response.layers.append(inspect_pb2.LayerDeadFilters(layer=name, channels=report.channels,
+                                                                dead=report.dead, constant=report.constant))
+        return response
+
+    def Occlusion(self, request, context):
+        model = require_model(self.repository, request.model)
+        sample = single_input(model, request, self.limits)
+        channel_axis, (h_axis, w_axis) = input_axes(model)
+        height, width = sample.shape[h_axis], sample.shape[w_axis]
+        window_h = _optional_size(request, "window_h", 16)
+        window = (window_h, _optional_size(request, "window_w", window_h))
+        stride_h = _optional_size(request, "stride_h", max(1, window[0] // 2))
+        stride = (stride_h, _optional_size(request, "stride_w", stride_h))
+        for field, size, limit in (("window_h", window[0], height), ("window_w", window[1], width)):
+            if size > limit:
+                raise InvalidArgument(field, f"window of {size} pixels is larger than the {limit}-pixel input")
+        for field, step, size in (("stride_h", stride[0], window[0]), ("stride_w", stride[1], window[1])):
+            if step > size:
+                raise InvalidArgument(field, f"stride {step} is larger than the window ({size}): pixels would "
+                                      "be skipped")
+        check_passes(forward_passes(height, width, window, stride) + 1, self.limits, "window and stride")
+        if request.baseline == inspect_pb2.BASELINE_CHANNEL_MEAN:
+            baseline = np.broadcast_to(sample.mean(axis=(h_axis, w_axis), keepdims=True), sample.shape)
+        elif request.baseline == inspect_pb2.BASELINE_BLUR:
+            sigma = request.blur_sigma or 8.0
+            if sigma <= 0:
+                raise InvalidArgument("blur_sigma", f"must be positive, got {sigma}")
+            baseline = gaussian_blur(sample, sigma, (h_axis, w_axis))
+        elif request.baseline == inspect_pb2.BASELINE_CONSTANT:
+            baseline = np.full(sample.shape, request.constant, np.float32)
+        else:
+            raise InvalidArgument("baseline", f"unknown baseline {request.baseline}")
+        backend = self._backend(model)
+        target = resolve_target(model, backend, request, sample)
+        score = "logit" if request.score == inspect_pb2.SCORE_LOGIT else "probability"
+
+        def work(progress, should_stop):
+            return occlusion(backend, sample, target, window, stride, baseline, (h_axis, w_axis), score,
+                             self.limits.ort_batch, progress, should_stop)
+
+        for kind, value in stream_job(context, work):
+            if kind == "progress":
+                yield inspect_pb2.OcclusionEvent(progress=inspect_pb2.Progress(step=value[0], total=value[1],
+                                                                               stage="occluding"))
+            elif value is not None:
+                result = inspect_pb2.OcclusionResult(
+                    target=target, label=model.label(target), base_probability=value.base_probability,
+                    base_logit=value.base_logit, probability=to_tensor(value.probability),
+                    logit=to_tensor(value.logit), rows=value.rows, cols=value.cols,
+                    attribution=to_tensor(value.attribution), forward_passes=value.probability.size + 1)
+                if request.render:
+                    heat = render.normalize(value.attribution)
+                    result.heatmap_png = render.png(render.colormap(heat))
+                    result.overlay_png = render.png(render.overlay(render.display_image(sample, model.config), heat))
+                yield inspect_pb2.OcclusionEvent(result=result)
+
+    def ScoreCam(self, request, context):
+        model = require_model(self.repository, request.model)
+        sample = single_input(model, request, self.limits)
+        if not request.layer:
+            raise InvalidArgument("layer", "required: name a spatial tensor (see DescribeModel)")
+        layer = model.layer(request.layer)
+        if layer.spatial is None or len(layer.shape) != 4:
+            raise InvalidArgument("layer", f"{layer.name!r} is not a spatial (N, C, H, W) tensor; Score-CAM "
+                                  "needs a conv feature map")
+        batch_size = _positive(request.batch_size, 16, "batch_size")
+        backend = self._backend(model)
+        target = resolve_target(model, backend, request, sample)
+        activation = acts.channels_first(backend.tensors(sample[None], [layer.name])[layer.name], layer.layout)[0]
+        check_passes(activation.shape[0] + 2, self.limits, "layer")
+        channel_axis, spatial_axes = input_axes(model)
+
+        def work(progress, should_stop):
+            return score_cam(backend, sample, target, activation, channel_axis, spatial_axes, batch_size,
+                             progress, should_stop)
+
+        for kind, value in stream_job(context, work):
+            if kind == "progress":
+                yield inspect_pb2.ScoreCamEvent(progress=inspect_pb2.Progress(step=value[0], total=value[1],
+                                                                              stage="masking"))
+            elif value is not None:
+                result = inspect_pb2.ScoreCamResult(target=target, label=model.label(target), layer=layer.name,
+                                                    cam=to_tensor(value.cam),
+                                                    channel_weights=to_tensor(value.channel_weights),
+                                                    forward_passes=activation.shape[0] + 2)
+                if request.render:
+                    result.heatmap_png = render.png(render.colormap(value.cam))
+                    result.overlay_png = render.png(render.overlay(render.display_image(sample, model.config),
+                                                                   value.cam))
+                yield inspect_pb2.ScoreCamEvent(result=result)

@@ -1,0 +1,44 @@
+"""Run a long technique while streaming its progress; stop it when the call is cancelled or times out."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+
+def stream_job(context, work):
+    """Run ``work(progress, should_stop)`` in a worker thread and yield ("progress", (step, total, stage))
+    events while it runs, then ("result", value). ``should_stop()`` turns true when the client cancels,
+    the deadline passes, or the response stream is closed; the work checks it between batches."""
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def should_stop() -> bool:
+        return stop.is_set() or not context.is_active()
+
+    def progress(step: int, total: int, stage: str = "") -> None:
+        events.put(("progress", (step, total, stage)))
+
+    def run() -> None:
+        try:
+            events.put(("result", work(progress, should_stop)))
+        except BaseException as error:  # handed to the RPC thread, which re-raises it
+            events.put(("error", error))
+
+    worker = threading.Thread(target=run, name="convscope-job", daemon=True)
+    worker.start()
+    try:
+        while True:
+            try:
+                kind, value = events.get(timeout=0.5)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "result":
+                return
+    finally:
+        stop.set()
