@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 NUM_CLASSES = 10
+DEAD_CHANNEL = 3
 SIZE = 32
 HAND_RECEPTIVE_FIELDS = {  # tensor name -> (size, jump, start), the same on both axes
     "/conv1/Conv_output_0": (3, 1, 0.0),
@@ -62,6 +63,9 @@ def tiny_net(seed: int = 0, **kwargs) -> TinyNet:
     with torch.no_grad():  # non-trivial batch-norm statistics so folding them is tested
         model.bn1.running_mean.uniform_(-0.5, 0.5)
         model.bn1.running_var.uniform_(0.5, 2.0)
+        # conv2's channel DEAD_CHANNEL is constant (-100) before its ReLU and zero after it, for any input.
+        model.conv2.weight[DEAD_CHANNEL] = 0
+        model.conv2.bias[DEAD_CHANNEL] = -100
     return model.eval()
 
 
