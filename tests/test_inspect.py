@@ -290,3 +290,20 @@ def test_forward_package_never_imports_torch():
     code = ("import sys; import convscope_server.api.inspect_service, convscope_server.app; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_occlusion_score_cam_and_filters_on_an_nhwc_model(client):
+    """tiny_nhwc is tiny with an NHWC input (Transpose in the graph): the maps must be the NCHW model's
+    (whose maps are checked against Captum and pytorch-grad-cam above) for the transposed input."""
+    x_nhwc = np.ascontiguousarray(X_TINY.transpose(1, 2, 0))
+    for baseline in ("mean", "blur"):
+        nchw = client.occlusion("tiny", X_TINY, target=1, window=(6, 5), stride=(3, 4), baseline=baseline)
+        nhwc = client.occlusion("tiny_nhwc", x_nhwc, target=1, window=(6, 5), stride=(3, 4), baseline=baseline)
+        _assert_same_map(nhwc.attribution, nchw.attribution)
+        np.testing.assert_allclose(nhwc.probability, nchw.probability, rtol=1e-4, atol=1e-6)
+    nchw = client.score_cam("tiny", X_TINY, "/Add_output_0", target=1)
+    nhwc = client.score_cam("tiny_nhwc", x_nhwc, "/Add_output_0", target=1, render=True)
+    np.testing.assert_allclose(nhwc.cam, nchw.cam, rtol=1e-4, atol=1e-4)
+    assert nhwc.overlay_png
+    first = client.filters("tiny_nhwc", "/conv1/Conv_output_0", render=True)
+    assert first.rgb and first.weights.shape == (8, 3, 3, 3)

@@ -3,14 +3,25 @@
     convscope models
     convscope describe efficientnet_lite0 [--op Conv] [--spatial]
     convscope predict efficientnet_lite0 cat.jpg dog.png --top 5
+    convscope filters efficientnet_lite0 /_conv_stem/Conv_output_0 --out out/
+    convscope activations efficientnet_lite0 cat.jpg --layer /_blocks.1/Clip_output_0 --out out/
+    convscope occlusion efficientnet_lite0 cat.jpg --window 32 --stride 16 --out out/
+    convscope scorecam efficientnet_lite0 cat.jpg --layer /Clip_1_output_0 --out out/
+
+Commands with --out write PNGs and an index.html that shows them; long jobs show a progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import sys
+import time
+from pathlib import Path
+
+import numpy as np
 
 from convscope.client import DEFAULT_TARGET, Client
 from convscope.errors import ConvscopeError
@@ -90,6 +101,134 @@ def cmd_predict(client: Client, args) -> int:
     return 0
 
 
+class ProgressBar:
+    """A one-line progress bar on stderr: ``bar(step, total, stage)``."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label = label
+        self.stream = stream
+        self.started = time.monotonic()
+        self.shown = False
+
+    def __call__(self, step: int, total: int, stage: str = "") -> None:
+        width = 30
+        done = int(width * step / total) if total else width
+        rate = step / max(time.monotonic() - self.started, 1e-9)
+        eta = (total - step) / rate if rate > 0 else 0
+        self.stream.write(f"\r{self.label} [{'#' * done}{'.' * (width - done)}] {step}/{total} "
+                          f"{stage} {eta:4.0f}s left ")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+
+
+class Page:
+    """Collects pictures and captions into ``out/`` and writes ``out/index.html`` to show them."""
+
+    def __init__(self, out: Path, title: str):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.title = title
+        self.items: list[tuple[str, str]] = []
+
+    def image(self, name: str, data: bytes, caption: str) -> Path:
+        path = self.out / name
+        path.write_bytes(data)
+        self.items.append((name, caption))
+        return path
+
+    def write(self, summary: str = "") -> Path:
+        figures = "\n".join(
+            f'<figure><img src="{html.escape(name)}" style="image-rendering: pixelated; max-width: 100%">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in self.items)
+        page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(self.title)}</title>"
+                "<style>body{font-family:sans-serif;margin:2em;background:#fafafa} figure{display:inline-block;"
+                "margin:1em;vertical-align:top} figcaption{max-width:40em;font-size:90%}</style>"
+                f"<h1>{html.escape(self.title)}</h1><p>{html.escape(summary)}</p>{figures}")
+        path = self.out / "index.html"
+        path.write_text(page)
+        print(f"wrote {len(self.items)} picture(s) and {path}")
+        return path
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("_") or "tensor"
+
+
+def _image_input(path: str):
+    return path  # a path; the library reads the bytes
+
+
+def cmd_filters(client: Client, args) -> int:
+    f = client.filters(args.model, args.layer, render=True, max_filters=args.max_filters,
+                       max_channels=args.max_channels)
+    kind = "RGB first-layer filters" if f.rgb else "depthwise filters" if f.depthwise else "filters x input channels"
+    print(f"{f.layer}: weights {list(f.weights.shape)} ({kind}, group {f.group}); "
+          f"min {f.weights.min():.4f} max {f.weights.max():.4f}")
+    page = Page(args.out, f"Filters of {args.model} {f.layer}")
+    page.image(f"filters_{_safe(f.layer)}.png", f.png, f"{f.layer} — {kind}, weights {list(f.weights.shape)}")
+    page.write()
+    return 0
+
+
+def cmd_activations(client: Client, args) -> int:
+    result = client.activations(args.model, [_image_input(p) for p in args.images], args.layer, render=True,
+                                max_channels=args.max_channels)
+    page = Page(args.out, f"Activations of {args.model}")
+    for name, a in result.items():
+        stats = a.stats
+        print(f"{name}: {list(a.values.shape)} {a.layout}  mean {a.values.mean():.4f}  max {a.values.max():.4f}  "
+              f"channels never positive: {int((stats['max'] <= 0).sum())}/{len(stats['max'])}")
+        for path, picture in zip(args.images, a.png):
+            page.image(f"act_{_safe(name)}_{_safe(Path(path).stem)}.png", picture,
+                       f"{name} on {path}: first {args.max_channels} channels (0 = black, layer max = white)")
+    page.write()
+    return 0
+
+
+def cmd_occlusion(client: Client, args) -> int:
+    page = Page(args.out, f"Occlusion on {args.model}")
+    for path in args.images:
+        bar = ProgressBar(Path(path).name)
+        try:
+            r = client.occlusion(args.model, _image_input(path), args.target, window=args.window,
+                                 stride=args.stride, baseline=args.baseline, score=args.score, render=True,
+                                 progress=bar)
+        finally:
+            bar.close()
+        worst = np.unravel_index(np.argmin(r.probability), r.probability.shape)
+        print(f"{path}: class {r.target} {r.label} p={r.base_probability:.4f}; lowest p={r.probability.min():.4f} "
+              f"with the window at row {r.rows[worst[0]]}, col {r.cols[worst[1]]} ({r.forward_passes} passes)")
+        stem = _safe(Path(path).stem)
+        page.image(f"occlusion_{stem}_overlay.png", r.overlay_png,
+                   f"{path}: drop in {args.score} of {r.target} {r.label} (brighter = more important)")
+        page.image(f"occlusion_{stem}_heatmap.png", r.heatmap_png, "heatmap alone")
+    page.write(f"window {args.window}, stride {args.stride or args.window // 2}, baseline {args.baseline}")
+    return 0
+
+
+def cmd_scorecam(client: Client, args) -> int:
+    page = Page(args.out, f"Score-CAM on {args.model} {args.layer}")
+    for path in args.images:
+        bar = ProgressBar(Path(path).name)
+        try:
+            r = client.score_cam(args.model, _image_input(path), args.layer, args.target, render=True, progress=bar)
+        finally:
+            bar.close()
+        print(f"{path}: class {r.target} {r.label}; {len(r.channel_weights)} channels, {r.forward_passes} passes")
+        if not r.cam.any():
+            print("  the map is zero everywhere: the weighted channel sum is negative at every position (common on "
+                  "a conv's raw output); try the activation after it (the ReLU/Clip output)")
+        stem = _safe(Path(path).stem)
+        page.image(f"scorecam_{stem}_overlay.png", r.overlay_png, f"{path}: Score-CAM for {r.target} {r.label}")
+        page.image(f"scorecam_{stem}_heatmap.png", r.heatmap_png, "map alone")
+    page.write()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convscope", description="Inspect convolutional networks served by a "
                                      "convscope server.")
@@ -117,11 +256,48 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON instead of tables")
     predict.set_defaults(run=cmd_predict)
+
+    filters = commands.add_parser("filters", help="weights of a Conv layer as a picture")
+    filters.add_argument("model")
+    filters.add_argument("layer", help="a Conv output tensor or Conv node name")
+    filters.add_argument("--max-filters", type=int, default=64)
+    filters.add_argument("--max-channels", type=int, default=16, help="input channels per filter (deeper layers)")
+    filters.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
+    filters.set_defaults(run=cmd_filters)
+
+    activations = commands.add_parser("activations", help="channel grids of tensors for images")
+    activations.add_argument("model")
+    activations.add_argument("images", nargs="+")
+    activations.add_argument("--layer", action="append", required=True, help="tensor name (repeatable)")
+    activations.add_argument("--max-channels", type=int, default=64)
+    activations.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
+    activations.set_defaults(run=cmd_activations)
+
+    occlusion = commands.add_parser("occlusion", help="occlusion sensitivity maps")
+    occlusion.add_argument("model")
+    occlusion.add_argument("images", nargs="+")
+    occlusion.add_argument("--target", type=int, default=None, help="class (default: the predicted one)")
+    occlusion.add_argument("--window", type=int, default=32)
+    occlusion.add_argument("--stride", type=int, default=None, help="default: half the window")
+    occlusion.add_argument("--baseline", default="constant", choices=["constant", "mean", "blur"])
+    occlusion.add_argument("--score", default="probability", choices=["probability", "logit"])
+    occlusion.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
+    occlusion.set_defaults(run=cmd_occlusion)
+
+    scorecam = commands.add_parser("scorecam", help="Score-CAM class activation maps")
+    scorecam.add_argument("model")
+    scorecam.add_argument("images", nargs="+")
+    scorecam.add_argument("--layer", required=True, help="a spatial tensor, e.g. the last conv block's activation")
+    scorecam.add_argument("--target", type=int, default=None)
+    scorecam.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
+    scorecam.set_defaults(run=cmd_scorecam)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "out") and args.out is None:
+        args.out = Path("convscope-out") / args.command
     tls = True if args.tls == "system" else args.tls
     try:
         with Client(args.server, token=args.token, tls=tls, timeout=args.timeout) as client:
@@ -129,6 +305,9 @@ def main(argv=None) -> int:
     except ConvscopeError as error:
         print(f"convscope: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("convscope: interrupted (the server stops the job)", file=sys.stderr)
+        return 130
     except OSError as error:
         print(f"convscope: {error}", file=sys.stderr)
         return 2
