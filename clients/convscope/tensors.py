@@ -37,11 +37,17 @@ def datatype_name(dtype) -> str:
         raise TensorFormatError(f"unsupported dtype {dtype}; supported: {', '.join(DATATYPES)}") from None
 
 
-def to_tensor(array) -> tensor_pb2.Tensor:
+def to_tensor(array, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
+    """Encode ``array``. With ``out`` (a Tensor field of a message being built), fill it in place: for
+    large arrays this avoids copying the bytes again when the Tensor is put into its parent message."""
     array = np.asarray(array)
     name = datatype_name(array.dtype)
     little = np.ascontiguousarray(array, dtype=DATATYPES[name])
-    return tensor_pb2.Tensor(datatype=name, shape=list(array.shape), raw_data=little.tobytes())
+    tensor = tensor_pb2.Tensor() if out is None else out
+    tensor.datatype = name
+    tensor.shape[:] = list(array.shape)
+    tensor.raw_data = little.tobytes()
+    return tensor
 
 
 def from_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:

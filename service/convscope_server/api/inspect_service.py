@@ -103,14 +103,14 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         for layer in layers:
             value = values[layer.name]
             first = acts.channels_first(value, layer.layout)
-            entry = inspect_pb2.LayerActivations(layer=layer.name, values=to_tensor(value), layout=layer.layout)
+            entry = response.layers.add(layer=layer.name, layout=layer.layout)
+            to_tensor(value, out=entry.values)  # in place: activations can be tens of MB
             if first.ndim >= 2:
                 stats = acts.channel_stats(first)
                 entry.stats.CopyFrom(inspect_pb2.ChannelStats(**{k: v.tolist() for k, v in stats.items()}))
             if request.render and first.ndim == 4:
                 top = float(first.max())
                 entry.png.extend(render.png(acts.activation_grid(sample, max_channels, top)) for sample in first)
-            response.layers.append(entry)
         return response
 
     def DeadFilters(self, request, context):
