@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import grpc
+from PIL import Image
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -111,3 +112,31 @@ def test_client_depends_on_grpc_protobuf_numpy_pillow_only():
     code = ("import sys, convscope, convscope.cli; heavy = {'torch', 'onnxruntime', 'onnx', 'convscope_server'}"
             " & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_picture_commands_write_pngs_and_a_page(server, tmp_path, chelsea):
+    image = tmp_path / "chelsea.png"
+    image.write_bytes(png_bytes(chelsea))
+
+    def cli(*args):
+        result = subprocess.run([str(BIN / "convscope"), "--server", server.address, *args],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    runs = {
+        "filters": ["filters", "efficientnet_lite0", "/_conv_stem/Conv_output_0"],
+        "activations": ["activations", "efficientnet_lite0", str(image), "--layer", "/_blocks.1/Clip_output_0"],
+        "occlusion": ["occlusion", "efficientnet_lite0", str(image), "--window", "64", "--stride", "32"],
+        "scorecam": ["scorecam", "tiny", str(image), "--layer", "/Add_output_0"],
+    }
+    for name, args in runs.items():
+        out = tmp_path / name
+        result = cli(*args, "--out", str(out))
+        page = (out / "index.html").read_text()
+        pngs = sorted(p.name for p in out.glob("*.png"))
+        assert pngs and all(p in page for p in pngs), name
+        for png in pngs:
+            assert Image.open(out / png).size[0] > 8
+        if name == "occlusion":
+            assert "Egyptian cat" in result.stdout and "occluding" in result.stderr  # the progress bar

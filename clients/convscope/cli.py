@@ -158,8 +158,13 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("_") or "tensor"
 
 
-def _image_input(path: str):
-    return path  # a path; the library reads the bytes
+def with_progress(label: str, call):
+    """``call(bar)`` with a progress bar that is closed however the call ends."""
+    bar = ProgressBar(label)
+    try:
+        return call(bar)
+    finally:
+        bar.close()
 
 
 def cmd_filters(client: Client, args) -> int:
@@ -175,7 +180,7 @@ def cmd_filters(client: Client, args) -> int:
 
 
 def cmd_activations(client: Client, args) -> int:
-    result = client.activations(args.model, [_image_input(p) for p in args.images], args.layer, render=True,
+    result = client.activations(args.model, list(args.images), args.layer, render=True,
                                 max_channels=args.max_channels)
     page = Page(args.out, f"Activations of {args.model}")
     for name, a in result.items():
@@ -192,13 +197,9 @@ def cmd_activations(client: Client, args) -> int:
 def cmd_occlusion(client: Client, args) -> int:
     page = Page(args.out, f"Occlusion on {args.model}")
     for path in args.images:
-        bar = ProgressBar(Path(path).name)
-        try:
-            r = client.occlusion(args.model, _image_input(path), args.target, window=args.window,
-                                 stride=args.stride, baseline=args.baseline, score=args.score, render=True,
-                                 progress=bar)
-        finally:
-            bar.close()
+        r = with_progress(Path(path).name, lambda bar: client.occlusion(
+            args.model, path, args.target, window=args.window, stride=args.stride, baseline=args.baseline,
+            score=args.score, render=True, progress=bar))
         worst = np.unravel_index(np.argmin(r.probability), r.probability.shape)
         print(f"{path}: class {r.target} {r.label} p={r.base_probability:.4f}; lowest p={r.probability.min():.4f} "
               f"with the window at row {r.rows[worst[0]]}, col {r.cols[worst[1]]} ({r.forward_passes} passes)")
@@ -213,11 +214,8 @@ def cmd_occlusion(client: Client, args) -> int:
 def cmd_scorecam(client: Client, args) -> int:
     page = Page(args.out, f"Score-CAM on {args.model} {args.layer}")
     for path in args.images:
-        bar = ProgressBar(Path(path).name)
-        try:
-            r = client.score_cam(args.model, _image_input(path), args.layer, args.target, render=True, progress=bar)
-        finally:
-            bar.close()
+        r = with_progress(Path(path).name, lambda bar: client.score_cam(
+            args.model, path, args.layer, args.target, render=True, progress=bar))
         print(f"{path}: class {r.target} {r.label}; {len(r.channel_weights)} channels, {r.forward_passes} passes")
         if not r.cam.any():
             print("  the map is zero everywhere: the weighted channel sum is negative at every position (common on "
