@@ -12,7 +12,8 @@ import numpy as np
 from convscope.errors import from_rpc_error
 from convscope.images import to_image_message
 from convscope.tensors import from_tensor as _from_tensor
-from convscope.v1 import inspect_pb2, inspect_pb2_grpc, model_pb2, model_pb2_grpc
+from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, inspect_pb2, inspect_pb2_grpc, model_pb2,
+                          model_pb2_grpc)
 
 DEFAULT_TARGET = os.environ.get("CONVSCOPE_SERVER", "localhost:50051")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -135,7 +136,26 @@ class ScoreCamResult:
     overlay_png: bytes
 
 
+@dataclass(frozen=True)
+class Attribution:
+    target: int
+    label: str
+    attribution: np.ndarray    # input-shaped (saliency, guided backprop) or channel weights (CAMs)
+    map: np.ndarray            # (H, W): max |attribution| over channels, or the CAM in [0, 1]
+    backward_passes: int
+    heatmap_png: bytes
+    overlay_png: bytes
+
+
 _BASELINES = {"constant": 0, "mean": 1, "blur": 2}
+_SALIENCY = {"vanilla": attribution_pb2.SALIENCY_VANILLA, "smoothgrad": attribution_pb2.SALIENCY_SMOOTHGRAD,
+             "integrated_gradients": attribution_pb2.SALIENCY_INTEGRATED_GRADIENTS}
+_CAMS = {"gradcam": attribution_pb2.CAM_GRADCAM, "gradcam++": attribution_pb2.CAM_GRADCAM_PLUS_PLUS}
+
+
+def _attribution(r) -> Attribution:
+    return Attribution(r.target, r.label, from_tensor(r.attribution), from_tensor(r.map), r.backward_passes,
+                       r.heatmap_png, r.overlay_png)
 
 
 def _tls_credentials(tls) -> grpc.ChannelCredentials:
@@ -175,6 +195,7 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._models = model_pb2_grpc.ModelServiceStub(self._channel)
         self._inspect = inspect_pb2_grpc.InspectServiceStub(self._channel)
+        self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
 
     # -- plumbing -------------------------------------------------------------------------------------
     def __enter__(self) -> Client:
@@ -319,3 +340,47 @@ class Client:
         r = self._stream(self._inspect.ScoreCam, request, progress, timeout)
         return ScoreCamResult(r.target, r.label, r.layer, from_tensor(r.cam), from_tensor(r.channel_weights),
                               r.forward_passes, r.heatmap_png, r.overlay_png)
+
+    # -- gradient attribution (torch module converted from the ONNX file) -------------------------------
+    def saliency(self, model: str, image, target: int | None = None, *, method: str = "vanilla",
+                 samples: int = 0, noise: float = 0.0, seed: int = 0, steps: int = 0, baseline: float = 0.0,
+                 batch_size: int = 0, render: bool = False, progress=None,
+                 timeout: float | None = None) -> Attribution:
+        """``method``: "vanilla", "smoothgrad" (``samples``, ``noise`` as a fraction of the input range,
+        ``seed``) or "integrated_gradients" (``steps``, constant ``baseline`` in model-input space)."""
+        if method not in _SALIENCY:
+            raise ValueError(f"method must be one of {list(_SALIENCY)}")
+        request = attribution_pb2.SaliencyRequest(
+            model=model, image=to_image_message(image), method=_SALIENCY[method], samples=samples, noise=noise,
+            seed=seed, steps=steps, baseline=baseline, batch_size=batch_size, render=render)
+        if target is not None:
+            request.target = target
+        return _attribution(self._stream(self._attribution.Saliency, request, progress, timeout))
+
+    def _backprop(self, rule, model, image, target, layer, channel, render):
+        request = attribution_pb2.GuidedBackpropRequest(model=model, image=to_image_message(image), layer=layer,
+                                                        channel=channel, rule=rule, render=render)
+        if target is not None:
+            request.target = target
+        return _attribution(self._call(self._attribution.GuidedBackprop, request))
+
+    def guided_backprop(self, model: str, image, target: int | None = None, *, layer: str = "",
+                        channel: int = 0, render: bool = False) -> Attribution:
+        """Guided backpropagation of a class score, or of ``layer``'s ``channel`` when a layer is given."""
+        return self._backprop(attribution_pb2.BACKPROP_GUIDED, model, image, target, layer, channel, render)
+
+    def deconvnet(self, model: str, image, target: int | None = None, *, layer: str = "", channel: int = 0,
+                  render: bool = False) -> Attribution:
+        """DeconvNet reconstruction of a class score, or of ``layer``'s ``channel``."""
+        return self._backprop(attribution_pb2.BACKPROP_DECONVNET, model, image, target, layer, channel, render)
+
+    def cam(self, model: str, image, target: int | None = None, *, layer: str, method: str = "gradcam",
+            render: bool = False) -> Attribution:
+        """Grad-CAM ("gradcam") or Grad-CAM++ ("gradcam++") of ``layer`` for ``target``."""
+        if method not in _CAMS:
+            raise ValueError(f"method must be one of {list(_CAMS)}")
+        request = attribution_pb2.GradCamRequest(model=model, image=to_image_message(image), layer=layer,
+                                                 method=_CAMS[method], render=render)
+        if target is not None:
+            request.target = target
+        return _attribution(self._call(self._attribution.GradCam, request))

@@ -20,18 +20,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from convscope.v1 import inspect_pb2, inspect_pb2_grpc, model_pb2, model_pb2_grpc
+from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, inspect_pb2, inspect_pb2_grpc, model_pb2,
+                          model_pb2_grpc)
 from convscope_server import config as config_module
+from convscope_server.api.attribution_service import AttributionService
 from convscope_server.api.inspect_service import InspectService
 from convscope_server.api.model_service import ModelService
 from convscope_server.config import ServerConfig
 from convscope_server.errors import ErrorInterceptor, TokenInterceptor
+from convscope_server.gradient.bridge import TorchBridges
 from convscope_server.repository import ModelRepository
 
 log = logging.getLogger("convscope_server")
 
 MODEL_SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 INSPECT_SERVICE = inspect_pb2.DESCRIPTOR.services_by_name["InspectService"].full_name
+ATTRIBUTION_SERVICE = attribution_pb2.DESCRIPTOR.services_by_name["AttributionService"].full_name
+SERVICES = (MODEL_SERVICE, INSPECT_SERVICE, ATTRIBUTION_SERVICE)
 
 
 def model_health_name(name: str) -> str:
@@ -73,11 +78,13 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     )
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(repository, config), server)
     inspect_pb2_grpc.add_InspectServiceServicer_to_server(InspectService(repository, config), server)
+    attribution_pb2_grpc.add_AttributionServiceServicer_to_server(
+        AttributionService(repository, TorchBridges(config.device), config), server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", MODEL_SERVICE, INSPECT_SERVICE):
+    for service in ("", *SERVICES):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     for name in repository.names():
         loaded, _ = repository.status(name)
@@ -85,8 +92,7 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
                             else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     reflection.enable_server_reflection(
-        (MODEL_SERVICE, INSPECT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")

@@ -25,49 +25,47 @@ _sym_db = _symbol_database.Default()
 from convscope.v1 import tensor_pb2 as convscope_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onvscope/v1/inspect.proto\x12\x0c\x63onvscope.v1\x1a\x19\x63onvscope/v1/tensor.proto\"6\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\t\"i\n\x0e\x46iltersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0e\n\x06render\x18\x03 \x01(\x08\x12\x13\n\x0bmax_filters\x18\x04 \x01(\x05\x12\x14\n\x0cmax_channels\x18\x05 \x01(\x05\"\x96\x01\n\x0f\x46iltersResponse\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x11\n\tconv_node\x18\x02 \x01(\t\x12%\n\x07weights\x18\x03 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\r\n\x05group\x18\x04 \x01(\x03\x12\x0b\n\x03rgb\x18\x05 \x01(\x08\x12\x11\n\tdepthwise\x18\x06 \x01(\x08\x12\x0b\n\x03png\x18\x07 \x01(\x0c\"~\n\x12\x41\x63tivationsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.convscope.v1.Image\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x0e\n\x06render\x18\x04 \x01(\x08\x12\x14\n\x0cmax_channels\x18\x05 \x01(\x05\"M\n\x0c\x43hannelStats\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03min\x18\x02 \x03(\x02\x12\x0b\n\x03max\x18\x03 \x03(\x02\x12\x15\n\rzero_fraction\x18\x04 \x03(\x02\"\x8f\x01\n\x10LayerActivations\x12\r\n\x05layer\x18\x01 \x01(\t\x12$\n\x06values\x18\x02 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12)\n\x05stats\x18\x04 \x01(\x0b\x32\x1a.convscope.v1.ChannelStats\x12\x0b\n\x03png\x18\x05 \x03(\x0c\"a\n\x13\x41\x63tivationsResponse\x12.\n\x06layers\x18\x01 \x03(\x0b\x32\x1e.convscope.v1.LayerActivations\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\"k\n\x12\x44\x65\x61\x64\x46iltersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.convscope.v1.Image\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x11\n\ttolerance\x18\x04 \x01(\x02\"S\n\x10LayerDeadFilters\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x65\x61\x64\x18\x03 \x03(\x03\x12\x10\n\x08\x63onstant\x18\x04 \x03(\x03\"U\n\x13\x44\x65\x61\x64\x46iltersResponse\x12.\n\x06layers\x18\x01 \x03(\x0b\x32\x1e.convscope.v1.LayerDeadFilters\x12\x0e\n\x06images\x18\x02 \x01(\x03\"\xf9\x02\n\x10OcclusionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08window_h\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08window_w\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x15\n\x08stride_h\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x15\n\x08stride_w\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12(\n\x08\x62\x61seline\x18\x08 \x01(\x0e\x32\x16.convscope.v1.Baseline\x12\x10\n\x08\x63onstant\x18\t \x01(\x02\x12\x12\n\nblur_sigma\x18\n \x01(\x02\x12\"\n\x05score\x18\x0b \x01(\x0e\x32\x13.convscope.v1.Score\x12\x0e\n\x06render\x18\x0c \x01(\x08\x42\t\n\x07_targetB\x0b\n\t_window_hB\x0b\n\t_window_wB\x0b\n\t_stride_hB\x0b\n\t_stride_w\"\xb7\x02\n\x0fOcclusionResult\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_probability\x18\x03 \x01(\x02\x12\x12\n\nbase_logit\x18\x04 \x01(\x02\x12)\n\x0bprobability\x18\x05 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12#\n\x05logit\x18\x06 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x0c\n\x04rows\x18\x07 \x03(\x03\x12\x0c\n\x04\x63ols\x18\x08 \x03(\x03\x12)\n\x0b\x61ttribution\x18\t \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x16\n\x0e\x66orward_passes\x18\n \x01(\x03\x12\x13\n\x0bheatmap_png\x18\x0b \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x0c \x01(\x0c\"v\n\x0eOcclusionEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.convscope.v1.OcclusionResultH\x00\x42\x07\n\x05\x65vent\"\x97\x01\n\x0fScoreCamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05layer\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x0e\n\x06render\x18\x06 \x01(\x08\x42\t\n\x07_target\"\xd2\x01\n\x0eScoreCamResult\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\t\x12!\n\x03\x63\x61m\x18\x04 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12-\n\x0f\x63hannel_weights\x18\x05 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x16\n\x0e\x66orward_passes\x18\x06 \x01(\x03\x12\x13\n\x0bheatmap_png\x18\x07 \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x08 \x01(\x0c\"t\n\rScoreCamEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.convscope.v1.ScoreCamResultH\x00\x42\x07\n\x05\x65vent*O\n\x08\x42\x61seline\x12\x15\n\x11\x42\x41SELINE_CONSTANT\x10\x00\x12\x19\n\x15\x42\x41SELINE_CHANNEL_MEAN\x10\x01\x12\x11\n\rBASELINE_BLUR\x10\x02*/\n\x05Score\x12\x15\n\x11SCORE_PROBABILITY\x10\x00\x12\x0f\n\x0bSCORE_LOGIT\x10\x01\x32\x97\x03\n\x0eInspectService\x12\x46\n\x07\x46ilters\x12\x1c.convscope.v1.FiltersRequest\x1a\x1d.convscope.v1.FiltersResponse\x12R\n\x0b\x41\x63tivations\x12 .convscope.v1.ActivationsRequest\x1a!.convscope.v1.ActivationsResponse\x12R\n\x0b\x44\x65\x61\x64\x46ilters\x12 .convscope.v1.DeadFiltersRequest\x1a!.convscope.v1.DeadFiltersResponse\x12K\n\tOcclusion\x12\x1e.convscope.v1.OcclusionRequest\x1a\x1c.convscope.v1.OcclusionEvent0\x01\x12H\n\x08ScoreCam\x12\x1d.convscope.v1.ScoreCamRequest\x1a\x1b.convscope.v1.ScoreCamEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onvscope/v1/inspect.proto\x12\x0c\x63onvscope.v1\x1a\x19\x63onvscope/v1/tensor.proto\"i\n\x0e\x46iltersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0e\n\x06render\x18\x03 \x01(\x08\x12\x13\n\x0bmax_filters\x18\x04 \x01(\x05\x12\x14\n\x0cmax_channels\x18\x05 \x01(\x05\"\x96\x01\n\x0f\x46iltersResponse\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x11\n\tconv_node\x18\x02 \x01(\t\x12%\n\x07weights\x18\x03 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\r\n\x05group\x18\x04 \x01(\x03\x12\x0b\n\x03rgb\x18\x05 \x01(\x08\x12\x11\n\tdepthwise\x18\x06 \x01(\x08\x12\x0b\n\x03png\x18\x07 \x01(\x0c\"~\n\x12\x41\x63tivationsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.convscope.v1.Image\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x0e\n\x06render\x18\x04 \x01(\x08\x12\x14\n\x0cmax_channels\x18\x05 \x01(\x05\"M\n\x0c\x43hannelStats\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03min\x18\x02 \x03(\x02\x12\x0b\n\x03max\x18\x03 \x03(\x02\x12\x15\n\rzero_fraction\x18\x04 \x03(\x02\"\x8f\x01\n\x10LayerActivations\x12\r\n\x05layer\x18\x01 \x01(\t\x12$\n\x06values\x18\x02 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12)\n\x05stats\x18\x04 \x01(\x0b\x32\x1a.convscope.v1.ChannelStats\x12\x0b\n\x03png\x18\x05 \x03(\x0c\"a\n\x13\x41\x63tivationsResponse\x12.\n\x06layers\x18\x01 \x03(\x0b\x32\x1e.convscope.v1.LayerActivations\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\"k\n\x12\x44\x65\x61\x64\x46iltersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.convscope.v1.Image\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x11\n\ttolerance\x18\x04 \x01(\x02\"S\n\x10LayerDeadFilters\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x65\x61\x64\x18\x03 \x03(\x03\x12\x10\n\x08\x63onstant\x18\x04 \x03(\x03\"U\n\x13\x44\x65\x61\x64\x46iltersResponse\x12.\n\x06layers\x18\x01 \x03(\x0b\x32\x1e.convscope.v1.LayerDeadFilters\x12\x0e\n\x06images\x18\x02 \x01(\x03\"\xf9\x02\n\x10OcclusionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08window_h\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08window_w\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x15\n\x08stride_h\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x15\n\x08stride_w\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12(\n\x08\x62\x61seline\x18\x08 \x01(\x0e\x32\x16.convscope.v1.Baseline\x12\x10\n\x08\x63onstant\x18\t \x01(\x02\x12\x12\n\nblur_sigma\x18\n \x01(\x02\x12\"\n\x05score\x18\x0b \x01(\x0e\x32\x13.convscope.v1.Score\x12\x0e\n\x06render\x18\x0c \x01(\x08\x42\t\n\x07_targetB\x0b\n\t_window_hB\x0b\n\t_window_wB\x0b\n\t_stride_hB\x0b\n\t_stride_w\"\xb7\x02\n\x0fOcclusionResult\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_probability\x18\x03 \x01(\x02\x12\x12\n\nbase_logit\x18\x04 \x01(\x02\x12)\n\x0bprobability\x18\x05 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12#\n\x05logit\x18\x06 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x0c\n\x04rows\x18\x07 \x03(\x03\x12\x0c\n\x04\x63ols\x18\x08 \x03(\x03\x12)\n\x0b\x61ttribution\x18\t \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x16\n\x0e\x66orward_passes\x18\n \x01(\x03\x12\x13\n\x0bheatmap_png\x18\x0b \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x0c \x01(\x0c\"v\n\x0eOcclusionEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.convscope.v1.OcclusionResultH\x00\x42\x07\n\x05\x65vent\"\x97\x01\n\x0fScoreCamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05layer\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x0e\n\x06render\x18\x06 \x01(\x08\x42\t\n\x07_target\"\xd2\x01\n\x0eScoreCamResult\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\t\x12!\n\x03\x63\x61m\x18\x04 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12-\n\x0f\x63hannel_weights\x18\x05 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x16\n\x0e\x66orward_passes\x18\x06 \x01(\x03\x12\x13\n\x0bheatmap_png\x18\x07 \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x08 \x01(\x0c\"t\n\rScoreCamEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.convscope.v1.ScoreCamResultH\x00\x42\x07\n\x05\x65vent*O\n\x08\x42\x61seline\x12\x15\n\x11\x42\x41SELINE_CONSTANT\x10\x00\x12\x19\n\x15\x42\x41SELINE_CHANNEL_MEAN\x10\x01\x12\x11\n\rBASELINE_BLUR\x10\x02*/\n\x05Score\x12\x15\n\x11SCORE_PROBABILITY\x10\x00\x12\x0f\n\x0bSCORE_LOGIT\x10\x01\x32\x97\x03\n\x0eInspectService\x12\x46\n\x07\x46ilters\x12\x1c.convscope.v1.FiltersRequest\x1a\x1d.convscope.v1.FiltersResponse\x12R\n\x0b\x41\x63tivations\x12 .convscope.v1.ActivationsRequest\x1a!.convscope.v1.ActivationsResponse\x12R\n\x0b\x44\x65\x61\x64\x46ilters\x12 .convscope.v1.DeadFiltersRequest\x1a!.convscope.v1.DeadFiltersResponse\x12K\n\tOcclusion\x12\x1e.convscope.v1.OcclusionRequest\x1a\x1c.convscope.v1.OcclusionEvent0\x01\x12H\n\x08ScoreCam\x12\x1d.convscope.v1.ScoreCamRequest\x1a\x1b.convscope.v1.ScoreCamEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'convscope.v1.inspect_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BASELINE']._serialized_start=2419
-  _globals['_BASELINE']._serialized_end=2498
-  _globals['_SCORE']._serialized_start=2500
-  _globals['_SCORE']._serialized_end=2547
-  _globals['_PROGRESS']._serialized_start=71
-  _globals['_PROGRESS']._serialized_end=125
-  _globals['_FILTERSREQUEST']._serialized_start=127
-  _globals['_FILTERSREQUEST']._serialized_end=232
-  _globals['_FILTERSRESPONSE']._serialized_start=235
-  _globals['_FILTERSRESPONSE']._serialized_end=385
-  _globals['_ACTIVATIONSREQUEST']._serialized_start=387
-  _globals['_ACTIVATIONSREQUEST']._serialized_end=513
-  _globals['_CHANNELSTATS']._serialized_start=515
-  _globals['_CHANNELSTATS']._serialized_end=592
-  _globals['_LAYERACTIVATIONS']._serialized_start=595
-  _globals['_LAYERACTIVATIONS']._serialized_end=738
-  _globals['_ACTIVATIONSRESPONSE']._serialized_start=740
-  _globals['_ACTIVATIONSRESPONSE']._serialized_end=837
-  _globals['_DEADFILTERSREQUEST']._serialized_start=839
-  _globals['_DEADFILTERSREQUEST']._serialized_end=946
-  _globals['_LAYERDEADFILTERS']._serialized_start=948
-  _globals['_LAYERDEADFILTERS']._serialized_end=1031
-  _globals['_DEADFILTERSRESPONSE']._serialized_start=1033
-  _globals['_DEADFILTERSRESPONSE']._serialized_end=1118
-  _globals['_OCCLUSIONREQUEST']._serialized_start=1121
-  _globals['_OCCLUSIONREQUEST']._serialized_end=1498
-  _globals['_OCCLUSIONRESULT']._serialized_start=1501
-  _globals['_OCCLUSIONRESULT']._serialized_end=1812
-  _globals['_OCCLUSIONEVENT']._serialized_start=1814
-  _globals['_OCCLUSIONEVENT']._serialized_end=1932
-  _globals['_SCORECAMREQUEST']._serialized_start=1935
-  _globals['_SCORECAMREQUEST']._serialized_end=2086
-  _globals['_SCORECAMRESULT']._serialized_start=2089
-  _globals['_SCORECAMRESULT']._serialized_end=2299
-  _globals['_SCORECAMEVENT']._serialized_start=2301
-  _globals['_SCORECAMEVENT']._serialized_end=2417
-  _globals['_INSPECTSERVICE']._serialized_start=2550
-  _globals['_INSPECTSERVICE']._serialized_end=2957
+  _globals['_BASELINE']._serialized_start=2363
+  _globals['_BASELINE']._serialized_end=2442
+  _globals['_SCORE']._serialized_start=2444
+  _globals['_SCORE']._serialized_end=2491
+  _globals['_FILTERSREQUEST']._serialized_start=71
+  _globals['_FILTERSREQUEST']._serialized_end=176
+  _globals['_FILTERSRESPONSE']._serialized_start=179
+  _globals['_FILTERSRESPONSE']._serialized_end=329
+  _globals['_ACTIVATIONSREQUEST']._serialized_start=331
+  _globals['_ACTIVATIONSREQUEST']._serialized_end=457
+  _globals['_CHANNELSTATS']._serialized_start=459
+  _globals['_CHANNELSTATS']._serialized_end=536
+  _globals['_LAYERACTIVATIONS']._serialized_start=539
+  _globals['_LAYERACTIVATIONS']._serialized_end=682
+  _globals['_ACTIVATIONSRESPONSE']._serialized_start=684
+  _globals['_ACTIVATIONSRESPONSE']._serialized_end=781
+  _globals['_DEADFILTERSREQUEST']._serialized_start=783
+  _globals['_DEADFILTERSREQUEST']._serialized_end=890
+  _globals['_LAYERDEADFILTERS']._serialized_start=892
+  _globals['_LAYERDEADFILTERS']._serialized_end=975
+  _globals['_DEADFILTERSRESPONSE']._serialized_start=977
+  _globals['_DEADFILTERSRESPONSE']._serialized_end=1062
+  _globals['_OCCLUSIONREQUEST']._serialized_start=1065
+  _globals['_OCCLUSIONREQUEST']._serialized_end=1442
+  _globals['_OCCLUSIONRESULT']._serialized_start=1445
+  _globals['_OCCLUSIONRESULT']._serialized_end=1756
+  _globals['_OCCLUSIONEVENT']._serialized_start=1758
+  _globals['_OCCLUSIONEVENT']._serialized_end=1876
+  _globals['_SCORECAMREQUEST']._serialized_start=1879
+  _globals['_SCORECAMREQUEST']._serialized_end=2030
+  _globals['_SCORECAMRESULT']._serialized_start=2033
+  _globals['_SCORECAMRESULT']._serialized_end=2243
+  _globals['_SCORECAMEVENT']._serialized_start=2245
+  _globals['_SCORECAMEVENT']._serialized_end=2361
+  _globals['_INSPECTSERVICE']._serialized_start=2494
+  _globals['_INSPECTSERVICE']._serialized_end=2901
 # @@protoc_insertion_point(module_scope)

@@ -24,16 +24,6 @@ BASELINE_BLUR: Baseline
 SCORE_PROBABILITY: Score
 SCORE_LOGIT: Score
 
-class Progress(_message.Message):
-    __slots__ = ("step", "total", "stage")
-    STEP_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_FIELD_NUMBER: _ClassVar[int]
-    STAGE_FIELD_NUMBER: _ClassVar[int]
-    step: int
-    total: int
-    stage: str
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., stage: _Optional[str] = ...) -> None: ...
-
 class FiltersRequest(_message.Message):
     __slots__ = ("model", "layer", "render", "max_filters", "max_channels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -206,9 +196,9 @@ class OcclusionEvent(_message.Message):
     __slots__ = ("progress", "result")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
-    progress: Progress
+    progress: _tensor_pb2.Progress
     result: OcclusionResult
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[OcclusionResult, _Mapping]] = ...) -> None: ...
+    def __init__(self, progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., result: _Optional[_Union[OcclusionResult, _Mapping]] = ...) -> None: ...
 
 class ScoreCamRequest(_message.Message):
     __slots__ = ("model", "image", "target", "layer", "batch_size", "render")
@@ -250,6 +240,6 @@ class ScoreCamEvent(_message.Message):
     __slots__ = ("progress", "result")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
-    progress: Progress
+    progress: _tensor_pb2.Progress
     result: ScoreCamResult
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ScoreCamResult, _Mapping]] = ...) -> None: ...
+    def __init__(self, progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., result: _Optional[_Union[ScoreCamResult, _Mapping]] = ...) -> None: ...

@@ -4,59 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from convscope.v1 import inspect_pb2, inspect_pb2_grpc
+from convscope.v1 import inspect_pb2, inspect_pb2_grpc, tensor_pb2
 from convscope_server import render
+from convscope_server.api.common import (check_passes, input_axes, optional_size, positive, resolve_target,
+                                         single_input)
 from convscope_server.api.model_service import model_inputs, require_model
 from convscope_server.api.streaming import stream_job
-from convscope_server.errors import InvalidArgument, ResourceExhausted
+from convscope_server.errors import InvalidArgument
 from convscope_server.forward import activations as acts
 from convscope_server.forward import filters as filt
 from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.occlusion import forward_passes, gaussian_blur, occlusion
 from convscope_server.forward.score_cam import score_cam
-from convscope_server.images import to_model_input
 from convscope_server.onnx.graph import constants
 from convscope_server.tensors import to_tensor
-
-
-def _positive(value: int, default: int, field: str) -> int:
-    if value < 0:
-        raise InvalidArgument(field, f"must be positive, got {value}")
-    return value or default
-
-
-def _optional_size(request, field: str, default: int) -> int:
-    if not request.HasField(field):
-        return default
-    value = getattr(request, field)
-    if value <= 0:
-        raise InvalidArgument(field, f"must be a positive number of pixels, got {value}")
-    return value
-
-
-def input_axes(model) -> tuple[int, tuple[int, int]]:
-    """(channel axis, (height axis, width axis)) of one model-input sample (no batch axis)."""
-    return (0, (1, 2)) if model.config.layout == "NCHW" else (2, (0, 1))
-
-
-def single_input(model, request, limits) -> np.ndarray:
-    if not request.HasField("image"):
-        raise InvalidArgument("image", "required")
-    return to_model_input(request.image, model.config, "image", limits.max_image_pixels)
-
-
-def resolve_target(model, backend, request, sample) -> int:
-    if request.HasField("target"):
-        if not 0 <= request.target < model.num_classes:
-            raise InvalidArgument("target", f"{request.target} is outside the model's classes "
-                                  f"0..{model.num_classes - 1}")
-        return int(request.target)
-    return int(np.argmax(backend.logits(sample[None])[0]))
-
-
-def check_passes(passes: int, limits, what: str) -> None:
-    if passes > limits.max_forward_passes:
-        raise ResourceExhausted(f"{what}: {passes} forward passes is over the limit of {limits.max_forward_passes}")
 
 
 class InspectService(inspect_pb2_grpc.InspectServiceServicer):
@@ -87,8 +48,8 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
                                                group=filters.group, rgb=filters.rgb, depthwise=filters.depthwise)
         if request.render:
             response.png = render.png(filt.render_filters(
-                filters, _positive(request.max_filters, 64, "max_filters"),
-                _positive(request.max_channels, 16, "max_channels"), model.config.channel_order == "BGR"))
+                filters, positive(request.max_filters, 64, "max_filters"),
+                positive(request.max_channels, 16, "max_channels"), model.config.channel_order == "BGR"))
         return response
 
     def Activations(self, request, context):
@@ -96,7 +57,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         if not request.layers:
             raise InvalidArgument("layers", "name at least one tensor (see DescribeModel)")
         layers = [model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
-        max_channels = _positive(request.max_channels, 64, "max_channels")
+        max_channels = positive(request.max_channels, 64, "max_channels")
         batch = model_inputs(model, request.images, self.limits)
         values = self._backend(model).tensors(batch, [layer.name for layer in layers])
         response = inspect_pb2.ActivationsResponse(execution_provider=model.execution_provider)
@@ -141,10 +102,10 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         sample = single_input(model, request, self.limits)
         channel_axis, (h_axis, w_axis) = input_axes(model)
         height, width = sample.shape[h_axis], sample.shape[w_axis]
-        window_h = _optional_size(request, "window_h", 16)
-        window = (window_h, _optional_size(request, "window_w", window_h))
-        stride_h = _optional_size(request, "stride_h", max(1, window[0] // 2))
-        stride = (stride_h, _optional_size(request, "stride_w", stride_h))
+        window_h = optional_size(request, "window_h", 16)
+        window = (window_h, optional_size(request, "window_w", window_h))
+        stride_h = optional_size(request, "stride_h", max(1, window[0] // 2))
+        stride = (stride_h, optional_size(request, "stride_w", stride_h))
         for field, size, limit in (("window_h", window[0], height), ("window_w", window[1], width)):
             if size > limit:
                 raise InvalidArgument(field, f"window of {size} pixels is larger than the {limit}-pixel input")
@@ -174,7 +135,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
 
         for kind, value in stream_job(context, work):
             if kind == "progress":
-                yield inspect_pb2.OcclusionEvent(progress=inspect_pb2.Progress(step=value[0], total=value[1],
+                yield inspect_pb2.OcclusionEvent(progress=tensor_pb2.Progress(step=value[0], total=value[1],
                                                                                stage="occluding"))
             elif value is not None:
                 result = inspect_pb2.OcclusionResult(
@@ -197,7 +158,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         if layer.spatial is None or len(layer.shape) != 4:
             raise InvalidArgument("layer", f"{layer.name!r} is not a spatial (N, C, H, W) tensor; Score-CAM "
                                   "needs a conv feature map")
-        batch_size = _positive(request.batch_size, 16, "batch_size")
+        batch_size = positive(request.batch_size, 16, "batch_size")
         backend = self._backend(model)
         target = resolve_target(model, backend, request, sample)
         activation = acts.channels_first(backend.tensors(sample[None], [layer.name])[layer.name], layer.layout)[0]
@@ -210,7 +171,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
 
         for kind, value in stream_job(context, work):
             if kind == "progress":
-                yield inspect_pb2.ScoreCamEvent(progress=inspect_pb2.Progress(step=value[0], total=value[1],
+                yield inspect_pb2.ScoreCamEvent(progress=tensor_pb2.Progress(step=value[0], total=value[1],
                                                                               stage="masking"))
             elif value is not None:
                 result = inspect_pb2.ScoreCamResult(target=target, label=model.label(target), layer=layer.name,

@@ -1,0 +1,117 @@
+from convscope.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SaliencyMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SALIENCY_VANILLA: _ClassVar[SaliencyMethod]
+    SALIENCY_SMOOTHGRAD: _ClassVar[SaliencyMethod]
+    SALIENCY_INTEGRATED_GRADIENTS: _ClassVar[SaliencyMethod]
+
+class BackpropRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKPROP_GUIDED: _ClassVar[BackpropRule]
+    BACKPROP_DECONVNET: _ClassVar[BackpropRule]
+
+class CamMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAM_GRADCAM: _ClassVar[CamMethod]
+    CAM_GRADCAM_PLUS_PLUS: _ClassVar[CamMethod]
+SALIENCY_VANILLA: SaliencyMethod
+SALIENCY_SMOOTHGRAD: SaliencyMethod
+SALIENCY_INTEGRATED_GRADIENTS: SaliencyMethod
+BACKPROP_GUIDED: BackpropRule
+BACKPROP_DECONVNET: BackpropRule
+CAM_GRADCAM: CamMethod
+CAM_GRADCAM_PLUS_PLUS: CamMethod
+
+class SaliencyRequest(_message.Message):
+    __slots__ = ("model", "image", "target", "method", "samples", "noise", "seed", "steps", "baseline", "batch_size", "render")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: _tensor_pb2.Image
+    target: int
+    method: SaliencyMethod
+    samples: int
+    noise: float
+    seed: int
+    steps: int
+    baseline: float
+    batch_size: int
+    render: bool
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., method: _Optional[_Union[SaliencyMethod, str]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., baseline: _Optional[float] = ..., batch_size: _Optional[int] = ..., render: _Optional[bool] = ...) -> None: ...
+
+class GuidedBackpropRequest(_message.Message):
+    __slots__ = ("model", "image", "target", "layer", "channel", "rule", "render")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: _tensor_pb2.Image
+    target: int
+    layer: str
+    channel: int
+    rule: BackpropRule
+    render: bool
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., channel: _Optional[int] = ..., rule: _Optional[_Union[BackpropRule, str]] = ..., render: _Optional[bool] = ...) -> None: ...
+
+class GradCamRequest(_message.Message):
+    __slots__ = ("model", "image", "target", "layer", "method", "render")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: _tensor_pb2.Image
+    target: int
+    layer: str
+    method: CamMethod
+    render: bool
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., method: _Optional[_Union[CamMethod, str]] = ..., render: _Optional[bool] = ...) -> None: ...
+
+class AttributionResult(_message.Message):
+    __slots__ = ("target", "label", "attribution", "map", "backward_passes", "heatmap_png", "overlay_png")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    target: int
+    label: str
+    attribution: _tensor_pb2.Tensor
+    map: _tensor_pb2.Tensor
+    backward_passes: int
+    heatmap_png: bytes
+    overlay_png: bytes
+    def __init__(self, target: _Optional[int] = ..., label: _Optional[str] = ..., attribution: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., backward_passes: _Optional[int] = ..., heatmap_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ...) -> None: ...
+
+class AttributionEvent(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: _tensor_pb2.Progress
+    result: AttributionResult
+    def __init__(self, progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., result: _Optional[_Union[AttributionResult, _Mapping]] = ...) -> None: ...

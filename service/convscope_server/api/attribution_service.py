@@ -1,0 +1,125 @@
+"""AttributionService: saliency (vanilla, SmoothGrad, Integrated Gradients), guided backprop / DeconvNet,
+Grad-CAM / Grad-CAM++ on the torch module converted from the model's ONNX file."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from convscope.v1 import attribution_pb2, attribution_pb2_grpc, tensor_pb2
+from convscope_server import render
+from convscope_server.api.common import check_passes, input_axes, positive, resolve_target, single_input
+from convscope_server.api.model_service import require_model
+from convscope_server.api.streaming import stream_job
+from convscope_server.errors import InvalidArgument, ResourceExhausted
+from convscope_server.forward.backend import OrtBackend
+from convscope_server.gradient import attribution, backprop, cam
+from convscope_server.tensors import to_tensor
+
+
+class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
+    def __init__(self, repository, bridges, limits):
+        self.repository = repository
+        self.bridges = bridges
+        self.limits = limits
+
+    def _prepare(self, request):
+        """(model, torch model, sample, target) for a request with model, image and optional target."""
+        model = require_model(self.repository, request.model)
+        torch_model = self.bridges.get(model)
+        sample = single_input(model, request, self.limits)
+        target = resolve_target(model, OrtBackend(model, self.limits.ort_batch), request, sample)
+        return model, torch_model, sample, target
+
+    def _result(self, model, sample, target, attributed, shown, passes, render_it, heat=None):
+        result = attribution_pb2.AttributionResult(target=target, label=model.label(target), backward_passes=passes)
+        to_tensor(attributed.astype(np.float32), out=result.attribution)
+        to_tensor(shown.astype(np.float32), out=result.map)
+        if render_it:
+            heat = render.normalize(shown) if heat is None else heat
+            result.heatmap_png = render.png(render.colormap(heat))
+            result.overlay_png = render.png(render.overlay(render.display_image(sample, model.config), heat))
+        return result
+
+    def Saliency(self, request, context):
+        model, torch_model, sample, target = self._prepare(request)
+        channel_axis, _ = input_axes(model)
+        chunk = positive(request.batch_size, 16, "batch_size")
+        if model.fixed_batch:
+            chunk = model.fixed_batch if model.fixed_batch == 1 else chunk  # the graph cannot take more
+        if chunk > self.limits.max_batch:
+            raise ResourceExhausted(f"batch_size: {chunk} is over the limit of {self.limits.max_batch}")
+        method = request.method
+        if method == attribution_pb2.SALIENCY_VANILLA:
+            passes = 1
+        elif method == attribution_pb2.SALIENCY_SMOOTHGRAD:
+            passes = positive(request.samples, 25, "samples")
+            noise_level = request.noise or 0.15
+            if not 0 < noise_level <= 10:
+                raise InvalidArgument("noise", f"must be in (0, 10], got {noise_level}")
+            spread = float(sample.max() - sample.min()) or 1.0
+            noise = np.random.default_rng(request.seed).normal(0, noise_level * spread, (passes, *sample.shape))
+            noise = noise.astype(np.float32)
+        elif method == attribution_pb2.SALIENCY_INTEGRATED_GRADIENTS:
+            passes = positive(request.steps, 50, "steps")
+        else:
+            raise InvalidArgument("method", f"unknown saliency method {method}")
+        check_passes(passes, self.limits, "samples" if method == attribution_pb2.SALIENCY_SMOOTHGRAD else "steps")
+
+        def work(progress, should_stop):
+            if method == attribution_pb2.SALIENCY_VANILLA:
+                return attribution.vanilla(torch_model, sample, target)
+            if method == attribution_pb2.SALIENCY_SMOOTHGRAD:
+                return attribution.smoothgrad(torch_model, sample, target, noise, chunk, should_stop, progress)
+            baseline = np.full_like(sample, request.baseline)
+            return attribution.integrated_gradients(torch_model, sample, target, baseline, passes, chunk,
+                                                    should_stop, progress)
+
+        for kind, value in stream_job(context, work):
+            if kind == "progress":
+                yield attribution_pb2.AttributionEvent(progress=tensor_pb2.Progress(
+                    step=value[0], total=value[1], stage="backward"))
+            elif value is not None:
+                shown = attribution.saliency_map(value, channel_axis)
+                yield attribution_pb2.AttributionEvent(result=self._result(
+                    model, sample, target, value, shown, passes, request.render))
+
+    def GuidedBackprop(self, request, context):
+        model, torch_model, sample, target = self._prepare(request)
+        channel_axis, _ = input_axes(model)
+        rule = {attribution_pb2.BACKPROP_GUIDED: "guided", attribution_pb2.BACKPROP_DECONVNET: "deconvnet"}.get(
+            request.rule)
+        if rule is None:
+            raise InvalidArgument("rule", f"unknown rule {request.rule}")
+        layer_name, channel_of_layer = None, 1
+        if request.layer:
+            layer = model.layer(request.layer)
+            channels = layer.shape[3 if layer.layout == "NHWC" else 1] if len(layer.shape) >= 2 else 0
+            if not 0 <= request.channel < channels:
+                raise InvalidArgument("channel", f"{request.channel} is outside {layer.name!r}'s channels "
+                                      f"0..{channels - 1}")
+            layer_name, channel_of_layer = layer.name, 3 if layer.layout == "NHWC" else 1
+        grads = backprop.modified_gradient(torch_model, sample, rule, target, layer_name, int(request.channel),
+                                           channel_of_layer)
+        return self._result(model, sample, target, grads, attribution.saliency_map(grads, channel_axis), 1,
+                            request.render)
+
+    def GradCam(self, request, context):
+        model = require_model(self.repository, request.model)
+        if not request.layer:
+            raise InvalidArgument("layer", "required: name a spatial tensor (see DescribeModel)")
+        layer = model.layer(request.layer)
+        if layer.spatial is None or len(layer.shape) != 4:
+            raise InvalidArgument("layer", f"{layer.name!r} is not a spatial (N, C, H, W) tensor; Grad-CAM needs "
+                                  "a conv feature map")
+        method = {attribution_pb2.CAM_GRADCAM: "gradcam", attribution_pb2.CAM_GRADCAM_PLUS_PLUS: "gradcam++"}.get(
+            request.method)
+        if method is None:
+            raise InvalidArgument("method", f"unknown CAM method {request.method}")
+        model, torch_model, sample, target = self._prepare(request)
+        _, (h_axis, w_axis) = input_axes(model)
+        activation, grads = cam.layer_and_gradient(torch_model, sample, target, layer.name)
+        if layer.layout == "NHWC":
+            activation, grads = activation.transpose(2, 0, 1), grads.transpose(2, 0, 1)
+        heat = cam.grad_cam(activation, grads, method, sample.shape[h_axis], sample.shape[w_axis])
+        weights = cam.cam_weights(activation, grads, method)
+        return self._result(model, sample, target, weights, heat, 1, request.render, heat=heat)

@@ -1,0 +1,131 @@
+"""ONNX -> torch bridge: convert a served model with onnx2pytorch, freeze it, and prove it on a probe.
+
+The module is converted from the same shape-inferred graph onnxruntime serves, so every tensor keeps its
+ONNX name; ``capture`` hooks a tensor by that name. At conversion a seeded random input goes through both
+onnxruntime and torch; a relative difference above 1e-4 (or any conversion error) marks the model
+gradient-unavailable with the reason, and forward methods keep working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from convscope_server.errors import FailedPrecondition
+
+PROBE_TOLERANCE = 1e-4
+
+
+class TorchModel:
+    """A converted, frozen module plus the ONNX-name -> submodule map."""
+
+    def __init__(self, module, device, logits_index: int | None):
+        self.module = module
+        self.device = device
+        self.logits_index = logits_index  # which of several graph outputs holds the logits
+
+    def logits(self, x):
+        """(N, ...) torch input -> (N, classes) logits."""
+        out = self.module(x)
+        out = out[self.logits_index] if isinstance(out, (list, tuple)) else out
+        return out.reshape(out.shape[0], -1)
+
+    def submodule(self, tensor_name: str):
+        name = self.module.mapping.get(tensor_name)
+        return None if name is None else getattr(self.module, name)
+
+    @contextlib.contextmanager
+    def capture(self, names: list[str], keep_grad: bool = False):
+        """Within the block, ``store[name]`` holds the latest forward value of each tensor (with
+        ``retain_grad`` when ``keep_grad``, so ``store[name].grad`` is filled by backward)."""
+        store: dict = {}
+        handles = []
+        for name in names:
+            module = self.submodule(name)
+            if module is None:
+                raise FailedPrecondition(f"layer: {name!r} is not a node output the torch module can hook")
+
+            def hook(mod, inputs, output, name=name):
+                if keep_grad and output.requires_grad:
+                    output.retain_grad()
+                store[name] = output
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            yield store
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _convert(model, device: str) -> TorchModel:
+    import torch
+    from onnx2pytorch import ConvertModel
+
+    module = ConvertModel(model.proto, experimental=True)
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    target = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    outputs = [o.name for o in model.proto.graph.output]
+    index = outputs.index(model.config.logits_output) if len(outputs) > 1 else None
+    return TorchModel(module.to(target), target, index)
+
+
+def _probe_difference(model, torch_model: TorchModel) -> float:
+    import torch
+
+    from convscope_server.images import sample_shape
+
+    batch = model.fixed_batch or 2
+    x = np.random.default_rng(0).normal(size=(batch, *sample_shape(model.config))).astype(np.float32)
+    (expected,) = model.session.run([model.config.logits_output], {model.config.input_name: x})
+    with torch.no_grad():
+        got = torch_model.logits(torch.from_numpy(x).to(torch_model.device)).cpu().numpy()
+    expected = expected.reshape(len(x), -1)
+    return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
+class TorchBridges:
+    """Converts each model on first use, keeps the result (or the reason it failed)."""
+
+    def __init__(self, device: str = "auto"):
+        self.device = device
+        self._done: dict[str, TorchModel | str] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model) -> TorchModel:
+        with self._lock:
+            done = self._done.get(model.name)
+            if done is None:
+                done = self._build(model)
+                self._done[model.name] = done
+        if isinstance(done, str):
+            raise FailedPrecondition(f"model: {model.name!r} has no gradient path: {done}")
+        return done
+
+    def status(self, name: str) -> str | None:
+        """None when not converted yet, "" when ready, else the reason it is unavailable."""
+        done = self._done.get(name)
+        return None if done is None else "" if isinstance(done, TorchModel) else done
+
+    def _build(self, model) -> TorchModel | str:
+        try:
+            import torch  # noqa: F401
+            import onnx2pytorch  # noqa: F401
+        except ImportError as error:
+            return f"the server has no torch/onnx2pytorch installed ({error}); install convscope[gradient]"
+        try:
+            torch_model = _convert(model, self.device)
+        except Exception as error:  # onnx2pytorch raises NotImplementedError / KeyError / ... per op
+            return f"onnx2pytorch cannot convert the graph: {type(error).__name__}: {error}"
+        try:
+            difference = _probe_difference(model, torch_model)
+        except Exception as error:
+            return f"the converted module fails on a probe input: {type(error).__name__}: {error}"
+        if not difference <= PROBE_TOLERANCE:
+            return (f"the converted module disagrees with onnxruntime on a probe input (relative difference "
+                    f"{difference:.2e} > {PROBE_TOLERANCE:.0e})")
+        return torch_model

@@ -1,0 +1,45 @@
+"""Gradient-weighted class activation maps for any conv layer: Grad-CAM (Selvaraju et al. 2017) and
+Grad-CAM++ (Chattopadhay et al. 2018). The channel weights follow pytorch-grad-cam's ``GradCAM`` and
+``GradCAMPlusPlus``; the map is ReLU(sum_k w_k A_k), min-max scaled and resized to the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from convscope_server import render
+
+
+def _scale(cam: np.ndarray) -> np.ndarray:
+    cam = cam - cam.min()
+    return cam / (1e-7 + cam.max())
+
+
+def layer_and_gradient(torch_model, sample: np.ndarray, target: int, layer: str):
+    """The layer's activation and d logit[target] / d activation for one sample, as numpy."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(sample[None])).to(torch_model.device)
+    with torch_model.capture([layer], keep_grad=True) as store:
+        x.requires_grad_(True)  # the graph must be built through the layer for the gradient to exist
+        torch_model.logits(x)[:, target].sum().backward()
+        activation = store[layer]
+    return activation.detach().cpu().numpy()[0], activation.grad.detach().cpu().numpy()[0]
+
+
+def cam_weights(activation: np.ndarray, grads: np.ndarray, method: str) -> np.ndarray:
+    """Channel weights from (C, h, w) activation and gradient."""
+    if method == "gradcam":
+        return grads.mean(axis=(1, 2))
+    g2 = grads ** 2
+    g3 = g2 * grads
+    sums = activation.sum(axis=(1, 2))[:, None, None]
+    aij = np.where(grads != 0, g2 / (2 * g2 + sums * g3 + 1e-6), 0)
+    return (np.maximum(grads, 0) * aij).sum(axis=(1, 2))
+
+
+def grad_cam(activation: np.ndarray, grads: np.ndarray, method: str, height: int, width: int) -> np.ndarray:
+    weights = cam_weights(activation, grads, method)
+    cam = np.maximum((weights[:, None, None] * activation).sum(axis=0), 0)
+    cam = render.resize(_scale(cam), height, width)
+    return _scale(np.maximum(cam, 0)).astype(np.float32)
