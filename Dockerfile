@@ -1,4 +1,5 @@
-# convscope server image. Stage 1 builds the default model with torch; the runtime stage has no torch.
+# convscope server image. Stage 1 builds the default model; the runtime stage has the server, onnxruntime
+# and torch + onnx2pytorch for gradient methods (drop "gradient" below for a forward-only image).
 #   docker build -t convscope .                       (CPU onnxruntime)
 #   docker build -t convscope-gpu --build-arg ORT=gpu .   (onnxruntime-gpu; run with a GPU reservation)
 FROM python:3.11-slim AS model
@@ -15,7 +16,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY clients clients
 COPY service service
-RUN pip install --no-cache-dir ".[server,${ORT}]"
+RUN pip install --no-cache-dir ".[server,gradient,${ORT}]"
 COPY --from=model /src/models /models
 EXPOSE 50051
 ENTRYPOINT ["convscope-server", "--repository", "/models", "--port", "50051"]

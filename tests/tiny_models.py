@@ -32,25 +32,40 @@ HAND_RECEPTIVE_FIELDS = {  # tensor name -> (size, jump, start), the same on bot
 }
 
 
+class ReLUThenClamp6(nn.Module):
+    """ReLU6 as an nn.ReLU module followed by clamp(max=6): Captum's guided backprop and DeconvNet rewrite
+    nn.ReLU modules only, so this is how the reference model exposes its ReLU6 to them."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return torch.clamp(self.relu(x), max=6.0)
+
+
 class TinyNet(nn.Module):
-    def __init__(self, channels_last_input: bool = False, fixed_batch: bool = False):
+    def __init__(self, channels_last_input: bool = False, fixed_batch: bool = False, captum_relu6: bool = False):
         super().__init__()
         self.channels_last_input = channels_last_input
         self.fixed_batch = fixed_batch
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
         self.pool = nn.MaxPool2d(2, 2)
         self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.relu6 = ReLUThenClamp6() if captum_relu6 else nn.ReLU6()  # exported: Clip(0, 6)
         self.fc = nn.Linear(16, NUM_CLASSES)
 
     def forward(self, x):
         if self.channels_last_input:  # as tf2onnx exports Keras models: NHWC input, Transpose to NCHW
             x = x.permute(0, 3, 1, 2)
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.conv2(x))
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.conv2(x))
         x = self.pool(x)
-        x = x + torch.nn.functional.relu6(self.conv3(x))
+        x = x + self.relu6(self.conv3(x))
         x = torch.nn.functional.adaptive_avg_pool2d(x, 1)
         # A fixed-batch export keeps a constant [1, -1] Reshape, as many converters write.
         x = x.reshape(1, -1) if self.fixed_batch else x.flatten(1)
@@ -103,6 +118,17 @@ def build_repository(root: Path, default_model: Path, outside: Path) -> None:
     export(tiny_net(channels_last_input=True), root / "tiny_nhwc" / "model.onnx")  # no config: all guessed
     export(tiny_net(fixed_batch=True), root / "tiny_fixed_batch" / "model.onnx", dynamic_batch=False)
     (root / "tiny_fixed_batch" / "config.toml").write_text(TINY_CONFIG.replace('labels = "labels.txt"', ""))
+
+    # onnxruntime runs com.microsoft's QuickGelu; onnx2pytorch cannot convert it: forward methods work,
+    # gradient methods answer FAILED_PRECONDITION naming the op.
+    contrib = onnx.load(str(root / "tiny" / "model.onnx"))
+    for node in contrib.graph.node:
+        if node.op_type == "Relu":
+            node.op_type, node.domain = "QuickGelu", "com.microsoft"
+            break
+    contrib.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    (root / "tiny_contrib_op").mkdir()
+    onnx.save_model(contrib, str(root / "tiny_contrib_op" / "model.onnx"))
 
     good = (root / "tiny" / "model.onnx").read_bytes()
     (root / "truncated").mkdir()

@@ -50,6 +50,7 @@ class RunningServer:
     repository: ModelRepository
     health: health.HealthServicer
     config: ServerConfig
+    bridges: TorchBridges
 
     @property
     def address(self) -> str:
@@ -78,8 +79,9 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     )
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(repository, config), server)
     inspect_pb2_grpc.add_InspectServiceServicer_to_server(InspectService(repository, config), server)
-    attribution_pb2_grpc.add_AttributionServiceServicer_to_server(
-        AttributionService(repository, TorchBridges(config.device), config), server)
+    bridges = TorchBridges(config.device)
+    attribution_pb2_grpc.add_AttributionServiceServicer_to_server(AttributionService(repository, bridges, config),
+                                                                  server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
@@ -97,7 +99,7 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     server.start()
-    return RunningServer(server, port, repository, health_servicer, config)
+    return RunningServer(server, port, repository, health_servicer, config, bridges)
 
 
 def main(argv=None) -> int:

@@ -44,9 +44,12 @@ def integrated_gradients(torch_model, sample: np.ndarray, target: int, baseline:
                          chunk: int, should_stop=None, progress=None) -> np.ndarray | None:
     """(x - x') * integral over alpha of the gradient at x' + alpha (x - x'), by Gauss-Legendre."""
     nodes, weights = np.polynomial.legendre.leggauss(steps)
-    alphas, step_sizes = 0.5 * (nodes + 1), 0.5 * weights
-    path = baseline[None] + alphas.reshape(-1, *([1] * sample.ndim)) * (sample - baseline)[None]
-    grads = input_gradients(torch_model, path.astype(np.float32), target, chunk, should_stop, progress)
+    alphas, step_sizes = (0.5 * (nodes + 1)).astype(np.float32), 0.5 * weights
+    # float32 throughout, as the model computes: a path point rounded differently can flip a unit that
+    # sits within float noise of a ReLU threshold, and the gradient jumps there.
+    delta = (sample - baseline).astype(np.float32)
+    path = baseline[None].astype(np.float32) + alphas.reshape(-1, *([1] * sample.ndim)) * delta[None]
+    grads = input_gradients(torch_model, path, target, chunk, should_stop, progress)
     if grads is None:
         return None
     integral = (grads * step_sizes.reshape(-1, *([1] * sample.ndim))).sum(axis=0)

@@ -15,21 +15,45 @@ import contextlib
 
 import numpy as np
 
-RELU_LIKE = ("ReLU", "Clip")
+def _bound(value):
+    return None if value is None else float(value)
 
 
 @contextlib.contextmanager
 def modified_relus(torch_model, rule: str):
+    """Within the block, backward through ReLU and through Clip with lower bound 0 (ReLU6) follows
+    ``rule``. At a Clip only the rectification is replaced: the upper bound keeps its mask (x < max), as
+    ReLU followed by clamp(max) would under the same rule."""
     import torch.nn.functional as F
 
-    def hook(module, grad_input, grad_output):
+    seen: dict = {}  # module -> (forward input, upper bound), for the rectifying Clips
+
+    def remember(module, inputs, output):
+        lower = _bound(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else _bound(module.min)
+        upper = _bound(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else _bound(module.max)
+        seen[module] = (inputs[0].detach(), upper) if lower == 0.0 else None
+
+    def rewrite(module, grad_input, grad_output):
+        if type(module).__name__ == "Clip":
+            state = seen.get(module)
+            if state is None:  # a clamp that does not rectify: leave its gradient alone
+                return None
+            x, upper = state
+            if rule == "deconvnet":
+                passed = grad_output[0] if upper is None else grad_output[0] * (x < upper)
+                return (F.relu(passed),) + tuple(grad_input[1:])
         source = grad_output if rule == "deconvnet" else grad_input
         return (F.relu(source[0]),) + tuple(grad_input[1:])  # only the data input's gradient changes
 
-    handles = [m.register_full_backward_hook(hook) for m in torch_model.module.modules()
-               if type(m).__name__ in RELU_LIKE]
+    handles = []
+    for module in torch_model.module.modules():
+        kind = type(module).__name__
+        if kind == "Clip":
+            handles.append(module.register_forward_hook(remember))
+        if kind in ("ReLU", "Clip"):
+            handles.append(module.register_full_backward_hook(rewrite))
     try:
-        yield len(handles)
+        yield
     finally:
         for handle in handles:
             handle.remove()

@@ -37,7 +37,7 @@ POINTWISE = {
     "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Neg", "Abs", "Sqrt", "Exp", "Log", "Reciprocal", "Floor",
     "Ceil", "Round", "Sign", "Identity", "Dropout", "Cast", "BatchNormalization", "LRN", "ThresholdedRelu",
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "QuantizeLinear",
-    "DequantizeLinear",
+    "DequantizeLinear", "QuickGelu", "FastGelu", "BiasGelu",
 }
 SLIDING = {"Conv", "MaxPool", "AveragePool", "LpPool"}
 GLOBAL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Flatten", "Reshape", "Gemm", "MatMul",

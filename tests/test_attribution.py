@@ -1,0 +1,192 @@
+"""AttributionService on the torch module converted from ONNX, against Captum and pytorch-grad-cam on the
+native torch models (same weights) and inputs."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from convscope import Client, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from conftest import ROOT, start
+from tiny_models import NUM_CLASSES, SIZE, tiny_net
+
+sys.path.insert(0, str(ROOT / "models"))
+X = np.random.default_rng(11).normal(size=(3, SIZE, SIZE)).astype(np.float32)
+
+
+def close(ours, reference, rtol=1e-4):
+    """Relative difference <= rtol, measured against the largest reference value."""
+    reference = np.asarray(reference)
+    np.testing.assert_allclose(ours, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    """The native EfficientNet-Lite0 with each batch-norm fused into its conv: the function the ONNX file
+    holds. (Unfused, forward values differ by ~1e-6, enough to flip a ReLU6 unit sitting 2e-6 from its
+    threshold in block 13 on chelsea, and a piecewise-linear network's gradient jumps there: 1.4% apart.)"""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from build_efficientnet_lite0 import load_pretrained
+
+    model = load_pretrained()
+    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
+    for block in model._blocks:
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        if block.has_expand:
+            pairs.append((block, "_expand_conv", "_bn0"))
+    for owner, conv, bn in pairs:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+        setattr(owner, bn, torch.nn.Identity())
+    return model
+
+
+@pytest.fixture(scope="module")
+def chelsea_input(chelsea):
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(chelsea).resize((224, 224), Image.BILINEAR), dtype=np.float32)
+    return ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+
+
+def _t(x):
+    return torch.from_numpy(np.ascontiguousarray(x[None]))
+
+
+def test_vanilla_saliency_equals_captum(client, lite0, chelsea_input):
+    from captum.attr import Saliency
+
+    got = client.saliency("tiny", X, target=3)
+    close(got.attribution, Saliency(tiny_net()).attribute(_t(X), target=3, abs=False)[0].numpy())
+    close(got.map, np.abs(got.attribution).max(axis=0), 1e-6)
+    got = client.saliency("efficientnet_lite0", chelsea_input, target=285)
+    close(got.attribution, Saliency(lite0).attribute(_t(chelsea_input), target=285, abs=False)[0].numpy())
+
+
+def test_smoothgrad_equals_captum_saliency_over_the_same_noise(client):
+    from captum.attr import Saliency
+
+    samples, level, seed = 6, 0.2, 42
+    got = client.saliency("tiny", X, target=1, method="smoothgrad", samples=samples, noise=level, seed=seed,
+                          batch_size=4)
+    noise = np.random.default_rng(seed).normal(0, level * (X.max() - X.min()), (samples, *X.shape)).astype(np.float32)
+    saliency = Saliency(tiny_net())
+    expected = np.mean([saliency.attribute(_t(X + n), target=1, abs=False)[0].numpy() for n in noise], axis=0)
+    close(got.attribution, expected)
+    assert got.backward_passes == samples
+
+
+def test_integrated_gradients_equal_captum(client, server, chelsea_input):
+    """On TinyNet against Captum on the native model. On Lite0 the path's 8 scaled images put some of its
+    ~3M ReLU6 units within float noise of a threshold, where the gradient jumps, so Captum runs on the
+    bridge's converted module (proved equal to native torch by the vanilla test and the load-time probe):
+    this checks the quadrature, path and batching independently of the module."""
+    from captum.attr import IntegratedGradients
+
+    got = client.saliency("tiny", X, target=7, method="integrated_gradients", steps=20, baseline=0.25)
+    expected = IntegratedGradients(tiny_net()).attribute(_t(X), baselines=0.25, target=7, n_steps=20,
+                                                         method="gausslegendre")[0].numpy()
+    close(got.attribution, expected)
+    got = client.saliency("efficientnet_lite0", chelsea_input, target=285, method="integrated_gradients",
+                          steps=8, batch_size=8)
+    converted = server.bridges.get(server.repository.get("efficientnet_lite0")).module
+    expected = IntegratedGradients(converted).attribute(_t(chelsea_input), baselines=0.0, target=285, n_steps=8,
+                                                        method="gausslegendre", internal_batch_size=8)[0]
+    close(got.attribution, expected.detach().numpy())
+
+
+@pytest.mark.parametrize("rule", ["guided", "deconvnet"])
+def test_guided_backprop_and_deconvnet_equal_captum(client, rule):
+    """On TinyNet (ReLU, ReLU6, max-pool, residual add). Captum rewrites nn.ReLU modules only, so its model
+    writes ReLU6 as ReLU + clamp(max=6); the served ONNX has the exporter's Clip(0, 6)."""
+    from captum.attr import Deconvolution, GuidedBackprop, NeuronDeconvolution, NeuronGuidedBackprop
+
+    native = tiny_net(captum_relu6=True)
+    method = client.guided_backprop if rule == "guided" else client.deconvnet
+    got = method("tiny", X, target=5)
+    reference = (GuidedBackprop if rule == "guided" else Deconvolution)(native)
+    close(got.attribution, reference.attribute(_t(X), target=5)[0].numpy())
+    # One channel of an inner layer instead of a class score.
+    got = method("tiny", X, layer="/conv3/Conv_output_0", channel=2)
+    neuron = (NeuronGuidedBackprop if rule == "guided" else NeuronDeconvolution)(native, native.conv3)
+    expected = neuron.attribute(_t(X), neuron_selector=lambda out: out[:, 2].sum(dim=(1, 2)))[0].numpy()
+    close(got.attribution, expected)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_grad_cam_equals_pytorch_grad_cam(client, method, lite0, chelsea_input):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    reference = GradCAM if method == "gradcam" else GradCAMPlusPlus
+    native = tiny_net()
+    with reference(model=native, target_layers=[native.conv3]) as cam:
+        expected = cam(input_tensor=_t(X), targets=[ClassifierOutputTarget(4)])[0]
+    close(client.cam("tiny", X, target=4, layer="/conv3/Conv_output_0", method=method).map, expected)
+    with reference(model=lite0, target_layers=[lite0._bn1]) as cam:  # fused: the conv-head output
+        expected = cam(input_tensor=_t(chelsea_input), targets=[ClassifierOutputTarget(285)])[0]
+    got = client.cam("efficientnet_lite0", chelsea_input, target=285, layer="/_conv_head/Conv_output_0",
+                     method=method, render=True)
+    close(got.map, expected)
+    assert got.overlay_png and got.attribution.shape == (1280,)
+
+
+def test_nhwc_and_fixed_batch_models(client):
+    x_nhwc = np.ascontiguousarray(X.transpose(1, 2, 0))
+    nchw = client.saliency("tiny", X, target=2, method="integrated_gradients", steps=6)
+    nhwc = client.saliency("tiny_nhwc", x_nhwc, target=2, method="integrated_gradients", steps=6)
+    close(nhwc.attribution, nchw.attribution.transpose(1, 2, 0))  # gradients come back in the input's layout
+    close(client.cam("tiny_nhwc", x_nhwc, target=2, layer="/conv3/Conv_output_0").map,
+          client.cam("tiny", X, target=2, layer="/conv3/Conv_output_0").map)
+    fixed = client.saliency("tiny_fixed_batch", X, target=2, method="smoothgrad", samples=5, batch_size=4)
+    dynamic = client.saliency("tiny", X, target=2, method="smoothgrad", samples=5, batch_size=4)
+    close(fixed.attribution, dynamic.attribution)
+
+
+def test_saliency_streams_progress(client):
+    seen = []
+    client.saliency("tiny", X, method="integrated_gradients", steps=12, batch_size=4,
+                    progress=lambda step, total, stage: seen.append((step, total)))
+    assert seen == [(4, 12), (8, 12), (12, 12)]
+
+
+def test_unconvertible_model_answers_failed_precondition(client):
+    with pytest.raises(FailedPrecondition, match="no gradient path: onnx2pytorch cannot convert.*QuickGelu"):
+        client.saliency("tiny_contrib_op", X)
+    with pytest.raises(FailedPrecondition, match="QuickGelu"):
+        client.guided_backprop("tiny_contrib_op", X)
+    assert len(client.predict("tiny_contrib_op", X, top=3)) == 3  # forward methods keep working
+    assert client.occlusion("tiny_contrib_op", X, window=8).attribution.shape == (SIZE, SIZE)
+
+
+def test_bad_attribution_requests(client, chelsea):
+    with pytest.raises(InvalidArgument, match="target: 10 is outside the model's classes 0..9"):
+        client.saliency("tiny", X, target=NUM_CLASSES)
+    with pytest.raises(InvalidArgument, match="layer: 'logits' is not a spatial"):
+        client.cam("tiny", X, layer="logits")
+    with pytest.raises(NotFound, match="layer: unknown layer '/conv9/Conv_output_0'"):
+        client.cam("tiny", X, layer="/conv9/Conv_output_0")
+    with pytest.raises(InvalidArgument, match="channel: 16 is outside '/conv3/Conv_output_0''s channels 0..15"):
+        client.guided_backprop("tiny", X, layer="/conv3/Conv_output_0", channel=16)
+    with pytest.raises(InvalidArgument, match=r"noise: must be in \(0, 10\]"):
+        client.saliency("tiny", X, method="smoothgrad", noise=-1)
+    with pytest.raises(InvalidArgument, match="steps: must be positive"):
+        client.saliency("tiny", X, method="integrated_gradients", steps=-3)
+    with pytest.raises(ResourceExhausted, match="batch_size: 1000 is over the limit of 64"):
+        client.saliency("tiny", X, method="smoothgrad", batch_size=1000)
+    assert client.saliency("efficientnet_lite0", chelsea).target == 285  # still serving
+
+
+def test_step_limit(repository):
+    strict = start(repository, max_forward_passes=30)
+    try:
+        with Client(strict.address, timeout=30) as c:
+            with pytest.raises(ResourceExhausted, match="steps: 50 forward passes is over the limit of 30"):
+                c.saliency("tiny", X, method="integrated_gradients")
+            with pytest.raises(ResourceExhausted, match="samples: 40 forward passes"):
+                c.saliency("tiny", X, method="smoothgrad", samples=40)
+    finally:
+        strict.stop(0)
