@@ -190,3 +190,26 @@ def test_step_limit(repository):
                 c.saliency("tiny", X, method="smoothgrad", samples=40)
     finally:
         strict.stop(0)
+
+
+def test_cam_equals_grad_cam_at_the_pooled_layer(client, chelsea):
+    """With a global-average-pool + linear head, d logit_c / d A_k = w_ck / (h w) everywhere, so Grad-CAM at
+    the pooled tensor is CAM exactly (after scaling); CAM itself runs on onnxruntime without gradients."""
+    for model, image, pooled in (("tiny", X, "/Add_output_0"), ("efficientnet_lite0", chelsea, "/Clip_1_output_0")):
+        cam_map = client.cam(model, image, method="cam")
+        grad_map = client.cam(model, image, layer=pooled, method="gradcam")
+        assert cam_map.target == grad_map.target
+        close(cam_map.map, grad_map.map, 1e-4)
+    with pytest.raises(InvalidArgument, match="layer: CAM uses the pooled tensor '/Add_output_0'"):
+        client.cam("tiny", X, layer="/conv3/Conv_output_0", method="cam")
+    assert client.cam("tiny_contrib_op", X, method="cam").map.shape == (SIZE, SIZE)  # no torch needed
+
+
+def test_guided_grad_cam_equals_captum(client):
+    from captum.attr import GuidedGradCam
+
+    native = tiny_net(captum_relu6=True)
+    expected = GuidedGradCam(native, native.conv3).attribute(_t(X), target=6)[0].detach().numpy()
+    got = client.cam("tiny", X, target=6, layer="/conv3/Conv_output_0", method="guided_gradcam", render=True)
+    close(got.attribution, expected)
+    assert got.map.shape == (SIZE, SIZE) and got.overlay_png

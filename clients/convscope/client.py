@@ -150,7 +150,8 @@ class Attribution:
 _BASELINES = {"constant": 0, "mean": 1, "blur": 2}
 _SALIENCY = {"vanilla": attribution_pb2.SALIENCY_VANILLA, "smoothgrad": attribution_pb2.SALIENCY_SMOOTHGRAD,
              "integrated_gradients": attribution_pb2.SALIENCY_INTEGRATED_GRADIENTS}
-_CAMS = {"gradcam": attribution_pb2.CAM_GRADCAM, "gradcam++": attribution_pb2.CAM_GRADCAM_PLUS_PLUS}
+_CAMS = {"gradcam": attribution_pb2.CAM_GRADCAM, "gradcam++": attribution_pb2.CAM_GRADCAM_PLUS_PLUS,
+         "cam": attribution_pb2.CAM_CLASS_ACTIVATION, "guided_gradcam": attribution_pb2.CAM_GUIDED_GRADCAM}
 
 
 def _attribution(r) -> Attribution:
@@ -374,9 +375,10 @@ class Client:
         """DeconvNet reconstruction of a class score, or of ``layer``'s ``channel``."""
         return self._backprop(attribution_pb2.BACKPROP_DECONVNET, model, image, target, layer, channel, render)
 
-    def cam(self, model: str, image, target: int | None = None, *, layer: str, method: str = "gradcam",
+    def cam(self, model: str, image, target: int | None = None, *, layer: str = "", method: str = "gradcam",
             render: bool = False) -> Attribution:
-        """Grad-CAM ("gradcam") or Grad-CAM++ ("gradcam++") of ``layer`` for ``target``."""
+        """Class activation map of ``layer`` for ``target``: "gradcam", "gradcam++", "guided_gradcam"
+        (input-shaped), or "cam" (global-average-pool + linear heads; ``layer`` may be left empty)."""
         if method not in _CAMS:
             raise ValueError(f"method must be one of {list(_CAMS)}")
         request = attribution_pb2.GradCamRequest(model=model, image=to_image_message(image), layer=layer,

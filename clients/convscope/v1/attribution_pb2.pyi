@@ -22,6 +22,8 @@ class CamMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CAM_GRADCAM: _ClassVar[CamMethod]
     CAM_GRADCAM_PLUS_PLUS: _ClassVar[CamMethod]
+    CAM_CLASS_ACTIVATION: _ClassVar[CamMethod]
+    CAM_GUIDED_GRADCAM: _ClassVar[CamMethod]
 SALIENCY_VANILLA: SaliencyMethod
 SALIENCY_SMOOTHGRAD: SaliencyMethod
 SALIENCY_INTEGRATED_GRADIENTS: SaliencyMethod
@@ -29,6 +31,8 @@ BACKPROP_GUIDED: BackpropRule
 BACKPROP_DECONVNET: BackpropRule
 CAM_GRADCAM: CamMethod
 CAM_GRADCAM_PLUS_PLUS: CamMethod
+CAM_CLASS_ACTIVATION: CamMethod
+CAM_GUIDED_GRADCAM: CamMethod
 
 class SaliencyRequest(_message.Message):
     __slots__ = ("model", "image", "target", "method", "samples", "noise", "seed", "steps", "baseline", "batch_size", "render")

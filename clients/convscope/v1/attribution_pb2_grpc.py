@@ -69,7 +69,7 @@ class AttributionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GradCam(self, request, context):
-        """Grad-CAM or Grad-CAM++ for any spatial layer.
+        """Grad-CAM, Grad-CAM++, CAM or Guided Grad-CAM for a spatial layer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -11,8 +11,11 @@ from convscope_server.api.common import check_passes, input_axes, positive, reso
 from convscope_server.api.model_service import require_model
 from convscope_server.api.streaming import stream_job
 from convscope_server.errors import InvalidArgument, ResourceExhausted
+from convscope_server.forward import activations as acts
 from convscope_server.forward.backend import OrtBackend
+from convscope_server.forward.class_activation import class_activation_map, find_linear_head
 from convscope_server.gradient import attribution, backprop, cam
+from convscope_server.onnx.graph import constants
 from convscope_server.tensors import to_tensor
 
 
@@ -105,21 +108,45 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
 
     def GradCam(self, request, context):
         model = require_model(self.repository, request.model)
-        if not request.layer:
-            raise InvalidArgument("layer", "required: name a spatial tensor (see DescribeModel)")
-        layer = model.layer(request.layer)
-        if layer.spatial is None or len(layer.shape) != 4:
-            raise InvalidArgument("layer", f"{layer.name!r} is not a spatial (N, C, H, W) tensor; Grad-CAM needs "
-                                  "a conv feature map")
-        method = {attribution_pb2.CAM_GRADCAM: "gradcam", attribution_pb2.CAM_GRADCAM_PLUS_PLUS: "gradcam++"}.get(
-            request.method)
+        method = {attribution_pb2.CAM_GRADCAM: "gradcam", attribution_pb2.CAM_GRADCAM_PLUS_PLUS: "gradcam++",
+                  attribution_pb2.CAM_CLASS_ACTIVATION: "cam",
+                  attribution_pb2.CAM_GUIDED_GRADCAM: "guided_gradcam"}.get(request.method)
         if method is None:
             raise InvalidArgument("method", f"unknown CAM method {request.method}")
-        model, torch_model, sample, target = self._prepare(request)
-        _, (h_axis, w_axis) = input_axes(model)
+        head = None
+        if method == "cam":
+            head = find_linear_head(model.proto, constants(model.proto), model.config.logits_output)
+            if isinstance(head, str):
+                raise InvalidArgument("method", f"CAM needs a global-average-pool + linear head, and {head}; "
+                                      "use Grad-CAM")
+            if request.layer and model.layer(request.layer).name != head.feature_map:
+                raise InvalidArgument("layer", f"CAM uses the pooled tensor {head.feature_map!r}; leave layer "
+                                      "empty or name that one")
+        elif not request.layer:
+            raise InvalidArgument("layer", "required: name a spatial tensor (see DescribeModel)")
+        layer = model.layer(head.feature_map if head else request.layer)
+        if head is None and (layer.spatial is None or len(layer.shape) != 4):
+            raise InvalidArgument("layer", f"{layer.name!r} is not a spatial (N, C, H, W) tensor; class activation "
+                                  "maps need a conv feature map")
+        sample = single_input(model, request, self.limits)
+        backend = OrtBackend(model, self.limits.ort_batch)
+        target = resolve_target(model, backend, request, sample)
+        channel_axis, (h_axis, w_axis) = input_axes(model)
+        height, width = sample.shape[h_axis], sample.shape[w_axis]
+        if method == "cam":  # the head was found in the graph; its pooled input is 4-D whatever shapes inference knew
+            feature_map = acts.channels_first(backend.tensors(sample[None], [layer.name])[layer.name], layer.layout)[0]
+            heat = cam.finish(class_activation_map(feature_map, head, target), height, width)
+            return self._result(model, sample, target, head.weights[target], heat, 0, request.render, heat=heat)
+        torch_model = self.bridges.get(model)
         activation, grads = cam.layer_and_gradient(torch_model, sample, target, layer.name)
         if layer.layout == "NHWC":
             activation, grads = activation.transpose(2, 0, 1), grads.transpose(2, 0, 1)
-        heat = cam.grad_cam(activation, grads, method, sample.shape[h_axis], sample.shape[w_axis])
-        weights = cam.cam_weights(activation, grads, method)
-        return self._result(model, sample, target, weights, heat, 1, request.render, heat=heat)
+        if method == "guided_gradcam":
+            guided = backprop.modified_gradient(torch_model, sample, "guided", target)
+            coarse = cam.nearest_resize(cam.raw_grad_cam(activation, grads), height, width)
+            attributed = guided * np.expand_dims(coarse, channel_axis)
+            return self._result(model, sample, target, attributed, attribution.saliency_map(attributed, channel_axis),
+                                2, request.render)
+        heat = cam.grad_cam(activation, grads, method, height, width)
+        return self._result(model, sample, target, cam.cam_weights(activation, grads, method), heat, 1,
+                            request.render, heat=heat)

@@ -1,6 +1,8 @@
 """Gradient-weighted class activation maps for any conv layer: Grad-CAM (Selvaraju et al. 2017) and
 Grad-CAM++ (Chattopadhay et al. 2018). The channel weights follow pytorch-grad-cam's ``GradCAM`` and
-``GradCAMPlusPlus``; the map is ReLU(sum_k w_k A_k), min-max scaled and resized to the input.
+``GradCAMPlusPlus``; the map is ReLU(sum_k w_k A_k), min-max scaled and resized to the input. Guided
+Grad-CAM multiplies guided backprop by the unnormalised Grad-CAM, nearest-upsampled, as Captum's
+``GuidedGradCam`` does.
 """
 
 from __future__ import annotations
@@ -38,8 +40,24 @@ def cam_weights(activation: np.ndarray, grads: np.ndarray, method: str) -> np.nd
     return (np.maximum(grads, 0) * aij).sum(axis=(1, 2))
 
 
+def finish(low_res: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A non-negative layer-resolution map -> [0, 1] at the input size (pytorch-grad-cam's scaling)."""
+    cam = render.resize(_scale(low_res), height, width)
+    return _scale(np.maximum(cam, 0)).astype(np.float32)
+
+
 def grad_cam(activation: np.ndarray, grads: np.ndarray, method: str, height: int, width: int) -> np.ndarray:
     weights = cam_weights(activation, grads, method)
-    cam = np.maximum((weights[:, None, None] * activation).sum(axis=0), 0)
-    cam = render.resize(_scale(cam), height, width)
-    return _scale(np.maximum(cam, 0)).astype(np.float32)
+    return finish(np.maximum((weights[:, None, None] * activation).sum(axis=0), 0), height, width)
+
+
+def nearest_resize(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(h, w) -> (height, width) by nearest neighbour (torch's interpolate(mode="nearest"))."""
+    rows = np.floor(np.arange(height) * (maps.shape[0] / height)).astype(int)
+    cols = np.floor(np.arange(width) * (maps.shape[1] / width)).astype(int)
+    return maps[rows][:, cols]
+
+
+def raw_grad_cam(activation: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """ReLU(sum_k mean(dY/dA_k) A_k) at the layer's resolution, not normalised (Captum's LayerGradCam)."""
+    return np.maximum((grads.mean(axis=(1, 2))[:, None, None] * activation).sum(axis=0), 0)
