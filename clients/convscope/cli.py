@@ -7,6 +7,10 @@
     convscope activations efficientnet_lite0 cat.jpg --layer /_blocks.1/Clip_output_0 --out out/
     convscope occlusion efficientnet_lite0 cat.jpg --window 32 --stride 16 --out out/
     convscope scorecam efficientnet_lite0 cat.jpg --layer /Clip_1_output_0 --out out/
+    convscope saliency efficientnet_lite0 cat.jpg --method smoothgrad --out out/
+    convscope guided efficientnet_lite0 cat.jpg [--layer L --channel C] --out out/
+    convscope deconvnet efficientnet_lite0 cat.jpg --out out/
+    convscope cam efficientnet_lite0 cat.jpg --layer /Clip_1_output_0 --method gradcam++ --out out/
 
 Commands with --out write PNGs and an index.html that shows them; long jobs show a progress bar.
 """
@@ -227,6 +231,56 @@ def cmd_scorecam(client: Client, args) -> int:
     return 0
 
 
+def gradient_picture(attribution: np.ndarray) -> bytes:
+    """An input-shaped gradient as an RGB picture, the usual way guided backprop and DeconvNet are shown:
+    standardised, scaled by 0.1 and centred on grey, then clipped."""
+    import io
+
+    from PIL import Image
+
+    hwc = attribution if attribution.shape[-1] in (1, 3) else attribution.transpose(1, 2, 0)
+    standard = (hwc - hwc.mean()) / (hwc.std() + 1e-5)
+    pixels = ((standard * 0.1 + 0.5) * 255).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _attribution_pages(args, title: str, call, describe: str, picture: bool = False) -> int:
+    page = Page(args.out, title)
+    for path in args.images:
+        r = with_progress(Path(path).name, lambda bar: call(path, bar))
+        print(f"{path}: class {r.target} {r.label}; {r.backward_passes} backward pass(es)")
+        stem = _safe(Path(path).stem)
+        page.image(f"{args.command}_{stem}_overlay.png", r.overlay_png, f"{path}: {describe} for {r.target} {r.label}")
+        page.image(f"{args.command}_{stem}_map.png", r.heatmap_png, "map alone")
+        if picture:
+            page.image(f"{args.command}_{stem}_gradient.png", gradient_picture(r.attribution),
+                       "the gradient as an image (grey = 0, standardised)")
+    page.write()
+    return 0
+
+
+def cmd_saliency(client: Client, args) -> int:
+    return _attribution_pages(args, f"{args.method} saliency on {args.model}", lambda path, bar: client.saliency(
+        args.model, path, args.target, method=args.method, samples=args.samples, noise=args.noise,
+        steps=args.steps, render=True, progress=bar), f"{args.method} (max |attribution| over channels)")
+
+
+def cmd_backprop(client: Client, args) -> int:
+    method = client.guided_backprop if args.command == "guided" else client.deconvnet
+    what = f"channel {args.channel} of {args.layer}" if args.layer else "class score"
+    return _attribution_pages(args, f"{args.command} on {args.model}", lambda path, bar: method(
+        args.model, path, args.target, layer=args.layer or "", channel=args.channel, render=True),
+        f"{args.command} of the {what}", picture=True)
+
+
+def cmd_cam(client: Client, args) -> int:
+    return _attribution_pages(args, f"{args.method} on {args.model} {args.layer or ''}", lambda path, bar: client.cam(
+        args.model, path, args.target, layer=args.layer or "", method=args.method, render=True),
+        args.method, picture=args.method == "guided_gradcam")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convscope", description="Inspect convolutional networks served by a "
                                      "convscope server.")
@@ -289,6 +343,36 @@ def build_parser() -> argparse.ArgumentParser:
     scorecam.add_argument("--target", type=int, default=None)
     scorecam.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
     scorecam.set_defaults(run=cmd_scorecam)
+
+    saliency = commands.add_parser("saliency", help="gradient saliency: vanilla, SmoothGrad, Integrated Gradients")
+    saliency.add_argument("model")
+    saliency.add_argument("images", nargs="+")
+    saliency.add_argument("--target", type=int, default=None)
+    saliency.add_argument("--method", default="vanilla", choices=["vanilla", "smoothgrad", "integrated_gradients"])
+    saliency.add_argument("--samples", type=int, default=0, help="SmoothGrad samples (default 25)")
+    saliency.add_argument("--noise", type=float, default=0.0, help="SmoothGrad noise, fraction of the range (0.15)")
+    saliency.add_argument("--steps", type=int, default=0, help="Integrated Gradients steps (default 50)")
+    saliency.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
+    saliency.set_defaults(run=cmd_saliency)
+
+    for name, text in (("guided", "guided backpropagation"), ("deconvnet", "DeconvNet reconstruction")):
+        sub = commands.add_parser(name, help=f"{text} of a class score or one channel")
+        sub.add_argument("model")
+        sub.add_argument("images", nargs="+")
+        sub.add_argument("--target", type=int, default=None)
+        sub.add_argument("--layer", default=None, help="explain this layer's channel instead of a class")
+        sub.add_argument("--channel", type=int, default=0)
+        sub.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
+        sub.set_defaults(run=cmd_backprop)
+
+    cam = commands.add_parser("cam", help="class activation maps: Grad-CAM, Grad-CAM++, CAM, Guided Grad-CAM")
+    cam.add_argument("model")
+    cam.add_argument("images", nargs="+")
+    cam.add_argument("--layer", default=None, help="a spatial tensor (CAM: may be left out)")
+    cam.add_argument("--target", type=int, default=None)
+    cam.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "cam", "guided_gradcam"])
+    cam.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
+    cam.set_defaults(run=cmd_cam)
     return parser
 
 
