@@ -24,6 +24,7 @@ def modified_relus(torch_model, rule: str):
     """Within the block, backward through ReLU and through Clip with lower bound 0 (ReLU6) follows
     ``rule``. At a Clip only the rectification is replaced: the upper bound keeps its mask (x < max), as
     ReLU followed by clamp(max) would under the same rule."""
+    import torch
     import torch.nn.functional as F
 
     seen: dict = {}  # module -> (forward input, upper bound), for the rectifying Clips
@@ -34,6 +35,11 @@ def modified_relus(torch_model, rule: str):
         seen[module] = (inputs[0].detach(), upper) if lower == 0.0 else None
 
     def rewrite(module, grad_input, grad_output):
+        if isinstance(module, torch.nn.Hardtanh):  # a constant-bound Clip(0, max) after the bridge's swap
+            if rule == "deconvnet":
+                x = seen[module]
+                return (F.relu(grad_output[0] * (x < module.max_val)),) + tuple(grad_input[1:])
+            return (F.relu(grad_input[0]),) + tuple(grad_input[1:])
         if type(module).__name__ == "Clip":
             state = seen.get(module)
             if state is None:  # a clamp that does not rectify: leave its gradient alone
@@ -48,9 +54,12 @@ def modified_relus(torch_model, rule: str):
     handles = []
     for module in torch_model.module.modules():
         kind = type(module).__name__
+        rectifying_hardtanh = isinstance(module, torch.nn.Hardtanh) and module.min_val == 0.0
         if kind == "Clip":
             handles.append(module.register_forward_hook(remember))
-        if kind in ("ReLU", "Clip"):
+        if rectifying_hardtanh:
+            handles.append(module.register_forward_hook(lambda m, i, o: seen.__setitem__(m, i[0].detach())))
+        if kind in ("ReLU", "Clip") or rectifying_hardtanh:
             handles.append(module.register_full_backward_hook(rewrite))
     try:
         yield

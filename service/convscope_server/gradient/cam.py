@@ -22,8 +22,7 @@ def layer_and_gradient(torch_model, sample: np.ndarray, target: int, layer: str)
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(sample[None])).to(torch_model.device)
-    with torch_model.capture([layer], keep_grad=True) as store:
-        x.requires_grad_(True)  # the graph must be built through the layer for the gradient to exist
+    with torch_model.capture([layer], keep_grad=True) as store:  # backward starts and stops at the layer
         torch_model.logits(x)[:, target].sum().backward()
         activation = store[layer]
     return activation.detach().cpu().numpy()[0], activation.grad.detach().cpu().numpy()[0]

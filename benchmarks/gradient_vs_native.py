@@ -1,0 +1,76 @@
+"""Gradient methods on the module converted from ONNX (onnx2pytorch) vs the native torch model.
+
+Module overhead: the same Captum calls (Saliency, IntegratedGradients, LayerGradCam) on the bridge's
+converted efficientnet_lite0 and on the native torch model built from the same weights; ratio =
+converted / native (goal <= 1.2). End to end: the same methods through the server and client.
+
+    .venv/bin/python benchmarks/gradient_vs_native.py [--steps 32] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import ROOT, start_server, timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT / "models"))
+    from build_efficientnet_lite0 import load_pretrained
+    from captum.attr import IntegratedGradients, LayerGradCam, Saliency
+    from skimage import data
+
+    from convscope import Client
+
+    native = load_pretrained()
+    for p in native.parameters():
+        p.requires_grad_(False)
+    pixels = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224), Image.BILINEAR), np.float32)
+    x = ((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+    t = torch.from_numpy(x[None])
+    server = start_server()
+    try:
+        converted = server.bridges.get(server.repository.get("efficientnet_lite0")).module
+        head = getattr(converted, converted.mapping["/_conv_head/Conv_output_0"])
+        cases = [
+            ("vanilla saliency", lambda m: Saliency(m).attribute(t, target=285)),
+            (f"integrated gradients ({args.steps} steps)", lambda m: IntegratedGradients(m).attribute(
+                t, target=285, n_steps=args.steps, internal_batch_size=16)),
+            ("Grad-CAM, conv head", lambda m, h=head: LayerGradCam(m, h if m is converted else m._bn1).attribute(
+                t, target=285)),
+        ]
+        print(f"{'module overhead':<34} {'native (s)':>12} {'converted (s)':>14} {'converted/native':>17}")
+        for name, call in cases:
+            native_time = timed(lambda: call(native), args.repeat)
+            converted_time = timed(lambda: call(converted), args.repeat)
+            print(f"{name:<34} {native_time:>12.4f} {converted_time:>14.4f} {converted_time / native_time:>16.2f}x")
+
+        with Client(server.address) as client:
+            served = [
+                ("vanilla saliency", lambda: client.saliency("efficientnet_lite0", x, 285)),
+                (f"integrated gradients ({args.steps} steps)", lambda: client.saliency(
+                    "efficientnet_lite0", x, 285, method="integrated_gradients", steps=args.steps, batch_size=16)),
+                ("Grad-CAM, conv head", lambda: client.cam("efficientnet_lite0", x, 285,
+                                                           layer="/_conv_head/Conv_output_0")),
+            ]
+            print(f"\n{'end to end over gRPC':<34} {'native (s)':>12} {'served (s)':>14} {'served/native':>17}")
+            for (name, call), (_, native_call) in zip(served, cases):
+                native_time = timed(lambda: native_call(native), args.repeat)
+                served_time = timed(call, args.repeat)
+                print(f"{name:<34} {native_time:>12.4f} {served_time:>14.4f} {served_time / native_time:>16.2f}x")
+    finally:
+        server.stop(0)
+
+
+if __name__ == "__main__":
+    main()
