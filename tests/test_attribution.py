@@ -213,3 +213,38 @@ def test_guided_grad_cam_equals_captum(client):
     got = client.cam("tiny", X, target=6, layer="/conv3/Conv_output_0", method="guided_gradcam", render=True)
     close(got.attribution, expected)
     assert got.map.shape == (SIZE, SIZE) and got.overlay_png
+
+
+def test_sanity_check_correlations_equal_scipy_and_leave_the_model_alone(client):
+    from scipy.stats import spearmanr
+
+    before = client.saliency("tiny", X, target=3)
+    report = client.sanity_check("tiny", X, target=3, seed=5, steps=6, return_maps=True, render=True)
+    assert report.layers == ["logits", "/conv3/Conv_output_0", "/conv2/Conv_output_0", "/conv1/Conv_output_0"]
+    assert set(report.spearman) == {"vanilla", "integrated_gradients", "guided_backprop", "gradcam"}
+    for method, values in report.spearman.items():
+        original = report.original_maps[method]
+        expected = [spearmanr(original.ravel(), m.ravel()).statistic for m in report.randomized_maps[method]]
+        np.testing.assert_allclose(values, expected, atol=1e-5, err_msg=method)
+    np.testing.assert_allclose(report.original_maps["vanilla"], np.abs(before.attribution).max(axis=0), rtol=1e-6)
+    after = client.saliency("tiny", X, target=3)  # the cascade ran on a copy
+    np.testing.assert_array_equal(after.attribution, before.attribution)
+    assert report.png
+    again = client.sanity_check("tiny", X, target=3, seed=5, steps=6, methods=["vanilla"], layers=2)
+    np.testing.assert_allclose(again.spearman["vanilla"], report.spearman["vanilla"][:2], atol=1e-6)
+
+
+def test_bad_sanity_requests(client, repository):
+    with pytest.raises(InvalidArgument, match=r"methods: unknown \['smooth'\]"):
+        client.sanity_check("tiny", X, methods=["smooth"])
+    with pytest.raises(InvalidArgument, match="layers: must be >= 0"):
+        client.sanity_check("tiny", X, layers=-1)
+    with pytest.raises(NotFound, match="cam_layer: unknown layer 'nope'"):
+        client.sanity_check("tiny", X, cam_layer="nope")
+    strict = start(repository, max_forward_passes=50)
+    try:
+        with Client(strict.address, timeout=30) as c:
+            with pytest.raises(ResourceExhausted, match="layers: 95 forward passes is over the limit of 50"):
+                c.sanity_check("tiny", X)  # (4 layers + 1) x (1 + 16 + 1 + 1)
+    finally:
+        strict.stop(0)

@@ -147,6 +147,17 @@ class Attribution:
     overlay_png: bytes
 
 
+@dataclass(frozen=True)
+class SanityReport:
+    target: int
+    label: str
+    layers: list[str]                      # re-initialised cumulatively, top first
+    spearman: dict[str, list[float]]       # method -> one correlation per layer
+    original_maps: dict[str, np.ndarray]   # when return_maps
+    randomized_maps: dict[str, list[np.ndarray]]
+    png: bytes
+
+
 _BASELINES = {"constant": 0, "mean": 1, "blur": 2}
 _SALIENCY = {"vanilla": attribution_pb2.SALIENCY_VANILLA, "smoothgrad": attribution_pb2.SALIENCY_SMOOTHGRAD,
              "integrated_gradients": attribution_pb2.SALIENCY_INTEGRATED_GRADIENTS}
@@ -386,3 +397,21 @@ class Client:
         if target is not None:
             request.target = target
         return _attribution(self._call(self._attribution.GradCam, request))
+
+    def sanity_check(self, model: str, image, target: int | None = None, *, methods: Sequence[str] = (),
+                     cam_layer: str = "", layers: int = 0, seed: int = 0, steps: int = 0,
+                     return_maps: bool = False, render: bool = False, progress=None,
+                     timeout: float | None = None) -> SanityReport:
+        """Cascading randomisation (Adebayo et al. 2018): Spearman correlation of each method's map with its
+        trained-model map as weighted layers are re-initialised from the top."""
+        request = attribution_pb2.SanityCheckRequest(
+            model=model, image=to_image_message(image), methods=list(methods), cam_layer=cam_layer, layers=layers,
+            seed=seed, steps=steps, return_maps=return_maps, render=render)
+        if target is not None:
+            request.target = target
+        r = self._stream(self._attribution.SanityCheck, request, progress, timeout)
+        return SanityReport(
+            r.target, r.label, list(r.layers), {m.method: list(m.spearman) for m in r.methods},
+            {m.method: from_tensor(m.original_map) for m in r.methods if m.HasField("original_map")},
+            {m.method: [from_tensor(t) for t in m.randomized_maps] for m in r.methods if m.randomized_maps},
+            r.png)

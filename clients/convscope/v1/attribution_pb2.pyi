@@ -1,8 +1,9 @@
 from convscope.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -119,3 +120,61 @@ class AttributionEvent(_message.Message):
     progress: _tensor_pb2.Progress
     result: AttributionResult
     def __init__(self, progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., result: _Optional[_Union[AttributionResult, _Mapping]] = ...) -> None: ...
+
+class SanityCheckRequest(_message.Message):
+    __slots__ = ("model", "image", "target", "methods", "cam_layer", "layers", "seed", "steps", "return_maps", "render")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    CAM_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_MAPS_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: _tensor_pb2.Image
+    target: int
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    cam_layer: str
+    layers: int
+    seed: int
+    steps: int
+    return_maps: bool
+    render: bool
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., cam_layer: _Optional[str] = ..., layers: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., return_maps: _Optional[bool] = ..., render: _Optional[bool] = ...) -> None: ...
+
+class MethodCorrelations(_message.Message):
+    __slots__ = ("method", "spearman", "original_map", "randomized_maps")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SPEARMAN_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_MAP_FIELD_NUMBER: _ClassVar[int]
+    RANDOMIZED_MAPS_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    spearman: _containers.RepeatedScalarFieldContainer[float]
+    original_map: _tensor_pb2.Tensor
+    randomized_maps: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, method: _Optional[str] = ..., spearman: _Optional[_Iterable[float]] = ..., original_map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., randomized_maps: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class SanityCheckResult(_message.Message):
+    __slots__ = ("target", "label", "layers", "methods", "png")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    target: int
+    label: str
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    methods: _containers.RepeatedCompositeFieldContainer[MethodCorrelations]
+    png: bytes
+    def __init__(self, target: _Optional[int] = ..., label: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodCorrelations, _Mapping]]] = ..., png: _Optional[bytes] = ...) -> None: ...
+
+class SanityCheckEvent(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: _tensor_pb2.Progress
+    result: SanityCheckResult
+    def __init__(self, progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., result: _Optional[_Union[SanityCheckResult, _Mapping]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class AttributionServiceStub:
                 request_serializer=convscope_dot_v1_dot_attribution__pb2.GradCamRequest.SerializeToString,
                 response_deserializer=convscope_dot_v1_dot_attribution__pb2.AttributionResult.FromString,
                 _registered_method=True)
+        self.SanityCheck = channel.unary_stream(
+                '/convscope.v1.AttributionService/SanityCheck',
+                request_serializer=convscope_dot_v1_dot_attribution__pb2.SanityCheckRequest.SerializeToString,
+                response_deserializer=convscope_dot_v1_dot_attribution__pb2.SanityCheckEvent.FromString,
+                _registered_method=True)
 
 
 class AttributionServiceServicer:
@@ -75,6 +80,14 @@ class AttributionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SanityCheck(self, request, context):
+        """Cascading parameter randomisation (Adebayo et al. 2018): how much each method's map changes as the
+        weighted layers are re-initialised from the top down. Progress events, then the report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AttributionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_AttributionServiceServicer_to_server(servicer, server):
                     servicer.GradCam,
                     request_deserializer=convscope_dot_v1_dot_attribution__pb2.GradCamRequest.FromString,
                     response_serializer=convscope_dot_v1_dot_attribution__pb2.AttributionResult.SerializeToString,
+            ),
+            'SanityCheck': grpc.unary_stream_rpc_method_handler(
+                    servicer.SanityCheck,
+                    request_deserializer=convscope_dot_v1_dot_attribution__pb2.SanityCheckRequest.FromString,
+                    response_serializer=convscope_dot_v1_dot_attribution__pb2.SanityCheckEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class AttributionService:
             '/convscope.v1.AttributionService/GradCam',
             convscope_dot_v1_dot_attribution__pb2.GradCamRequest.SerializeToString,
             convscope_dot_v1_dot_attribution__pb2.AttributionResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SanityCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/convscope.v1.AttributionService/SanityCheck',
+            convscope_dot_v1_dot_attribution__pb2.SanityCheckRequest.SerializeToString,
+            convscope_dot_v1_dot_attribution__pb2.SanityCheckEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,7 +14,7 @@ from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.forward import activations as acts
 from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.class_activation import class_activation_map, find_linear_head
-from convscope_server.gradient import attribution, backprop, cam
+from convscope_server.gradient import attribution, backprop, cam, sanity
 from convscope_server.onnx.graph import constants
 from convscope_server.tensors import to_tensor
 
@@ -150,3 +150,83 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         heat = cam.grad_cam(activation, grads, method, height, width)
         return self._result(model, sample, target, cam.cam_weights(activation, grads, method), heat, 1,
                             request.render, heat=heat)
+
+    def SanityCheck(self, request, context):
+        model = require_model(self.repository, request.model)
+        methods = list(dict.fromkeys(request.methods)) or list(SANITY_METHODS)
+        unknown = [m for m in methods if m not in SANITY_METHODS]
+        if unknown:
+            raise InvalidArgument("methods", f"unknown {unknown}; choose from {list(SANITY_METHODS)}")
+        steps = positive(request.steps, 16, "steps")
+        cam_layer = None
+        if "gradcam" in methods:
+            if request.cam_layer:
+                cam_layer = model.layer(request.cam_layer, "cam_layer")
+            else:
+                head = find_linear_head(model.proto, constants(model.proto), model.config.logits_output)
+                if isinstance(head, str):
+                    raise InvalidArgument("cam_layer", f"required for gradcam: {head}")
+                cam_layer = model.layer(head.feature_map, "cam_layer")
+            if cam_layer.spatial is None or len(cam_layer.shape) != 4:
+                raise InvalidArgument("cam_layer", f"{cam_layer.name!r} is not a spatial (N, C, H, W) tensor")
+        if request.layers < 0:
+            raise InvalidArgument("layers", f"must be >= 0, got {request.layers}")
+        model, torch_model, sample, target = self._prepare(request)
+        channel_axis, (h_axis, w_axis) = input_axes(model)
+        height, width = sample.shape[h_axis], sample.shape[w_axis]
+        count = len(sanity.weighted_layers(torch_model, model.proto))
+        count = min(count, request.layers) if request.layers else count
+        per_round = sum(steps if m == "integrated_gradients" else 1 for m in methods)
+        check_passes((count + 1) * per_round, self.limits, "layers")
+
+        def cam_map(tm):
+            activation, grads = cam.layer_and_gradient(tm, sample, target, cam_layer.name)
+            if cam_layer.layout == "NHWC":
+                activation, grads = activation.transpose(2, 0, 1), grads.transpose(2, 0, 1)
+            return cam.grad_cam(activation, grads, "gradcam", height, width)
+
+        makers = {
+            "vanilla": lambda tm: attribution.saliency_map(attribution.vanilla(tm, sample, target), channel_axis),
+            "integrated_gradients": lambda tm: attribution.saliency_map(attribution.integrated_gradients(
+                tm, sample, target, np.zeros_like(sample), steps, 16), channel_axis),
+            "guided_backprop": lambda tm: attribution.saliency_map(
+                backprop.modified_gradient(tm, sample, "guided", target), channel_axis),
+            "gradcam": cam_map,
+        }
+        maps = {m: makers[m] for m in methods}
+        keep = request.return_maps or request.render
+
+        def work(progress, should_stop):
+            return sanity.cascading_randomization(torch_model, model.proto, maps, request.layers, request.seed,
+                                                  progress, should_stop, keep)
+
+        for kind, value in stream_job(context, work):
+            if kind == "progress":
+                yield attribution_pb2.SanityCheckEvent(progress=tensor_pb2.Progress(
+                    step=value[0], total=value[1], stage="randomising"))
+            elif value is not None:
+                result = attribution_pb2.SanityCheckResult(target=target, label=model.label(target),
+                                                           layers=value.layers)
+                for name in methods:
+                    entry = result.methods.add(method=name, spearman=value.correlations[name])
+                    if request.return_maps:
+                        to_tensor(value.original[name].astype(np.float32), out=entry.original_map)
+                        for randomized in value.randomized[name]:
+                            to_tensor(randomized.astype(np.float32), out=entry.randomized_maps.add())
+                if request.render:
+                    result.png = render.png(_sanity_grid(value, methods))
+                yield attribution_pb2.SanityCheckEvent(result=result)
+
+
+SANITY_METHODS = ("vanilla", "integrated_gradients", "guided_backprop", "gradcam")
+
+
+def _sanity_grid(report, methods, columns: int = 6):
+    """One row per method: the trained model's map, then maps after a few evenly spaced cascade steps."""
+    steps = len(report.layers)
+    picks = sorted(set(np.linspace(0, steps - 1, min(columns, steps)).round().astype(int))) if steps else []
+    tiles = []
+    for name in methods:
+        tiles.append(render.colormap(render.normalize(report.original[name])))
+        tiles += [render.colormap(render.normalize(report.randomized[name][k])) for k in picks]
+    return render.grid(tiles, columns=1 + len(picks), pad=4, background=255)

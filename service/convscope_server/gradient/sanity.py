@@ -1,0 +1,104 @@
+"""Model-parameter randomisation test (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
+
+Weighted layers are re-initialised one after another from the top (logits) down, cumulatively, on a copy
+of the converted module; after each step every method's map is recomputed and compared with its map on
+the trained model by Spearman rank correlation of the absolute values. A method whose maps barely change
+while the weights that define the class are destroyed is not explaining the model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, tied values sharing the mean of their ranks (CAMs have many zeros after the ReLU)."""
+    flat = values.ravel()
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], flat.size]
+    group = np.repeat(np.arange(len(starts)), ends - starts)
+    ranks = np.empty(flat.size)
+    ranks[order] = ((starts + ends - 1) / 2)[group]
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two maps: Pearson correlation of their average ranks."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denominator = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / denominator) if denominator else 0.0
+
+
+def weighted_layers(torch_model, proto) -> list[tuple[str, object]]:
+    """(tensor name, module holding weights) for every Conv/Gemm/MatMul node, from the top down."""
+    found = []
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.output[0] not in torch_model.module.mapping:
+            continue
+        module = torch_model.submodule(node.output[0])
+        holders = [m for m in module.modules() if getattr(m, "weight", None) is not None]
+        if holders:
+            found.append((node.output[0], holders[-1]))
+    return found[::-1]
+
+
+def randomize(module, generator) -> None:
+    """Re-initialise weight and bias with Gaussians of the same standard deviation as the trained ones."""
+    import torch
+
+    for name in ("weight", "bias"):
+        tensor = getattr(module, name, None)
+        if tensor is None:
+            continue
+        std = float(tensor.detach().std()) if tensor.numel() > 1 else 1.0
+        with torch.no_grad():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * (std or 1.0))
+
+
+@dataclass
+class SanityReport:
+    layers: list[str]                    # randomised, cumulatively, in this order
+    correlations: dict[str, list[float]]  # method -> one value per layer
+    original: dict[str, np.ndarray] = field(default_factory=dict)
+    randomized: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+def cascading_randomization(torch_model, proto, maps: dict, layers: int, seed: int, progress=None,
+                            should_stop=None, keep_maps: bool = False) -> SanityReport | None:
+    """``maps``: method name -> function(torch_model) -> (H, W) map. ``layers``: how many weighted layers
+    to randomise from the top (0: all)."""
+    import torch
+
+    from convscope_server.gradient.bridge import TorchModel
+
+    copy_model = TorchModel(copy.deepcopy(torch_model.module), torch_model.device, torch_model.logits_index)
+    order = weighted_layers(copy_model, proto)
+    order = order[:layers] if layers else order
+    total = (len(order) + 1) * len(maps)
+    original = {name: np.abs(fn(torch_model)) for name, fn in maps.items()}
+    report = SanityReport([name for name, _ in order], {name: [] for name in maps},
+                          original if keep_maps else {}, {name: [] for name in maps} if keep_maps else {})
+    done = len(maps)
+    if progress is not None:
+        progress(done, total)
+    generator = torch.Generator().manual_seed(seed)
+    for _, module in order:
+        randomize(module, generator)
+        for name, fn in maps.items():
+            if should_stop is not None and should_stop():
+                return None
+            current = np.abs(fn(copy_model))
+            report.correlations[name].append(spearman(original[name], current))
+            if keep_maps:
+                report.randomized[name].append(current)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return report
