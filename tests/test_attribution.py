@@ -248,3 +248,21 @@ def test_bad_sanity_requests(client, repository):
                 c.sanity_check("tiny", X)  # (4 layers + 1) x (1 + 16 + 1 + 1)
     finally:
         strict.stop(0)
+
+
+def test_saliency_segmentation_is_grabcut_seeded_by_the_map(client, chelsea):
+    import cv2
+
+    from convscope_server.gradient.segmentation import seed_mask
+
+    got = client.saliency("efficientnet_lite0", chelsea, method="smoothgrad", samples=8, segment=True, render=True)
+    assert got.mask.shape == (224, 224) and 0.05 < got.mask.mean() < 0.95 and got.mask_png
+    # The same seeds handed to OpenCV directly give the same mask.
+    from PIL import Image
+
+    image = np.asarray(Image.fromarray(chelsea).resize((224, 224), Image.BILINEAR))
+    mask = seed_mask(got.map)
+    bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), mask, None, bgd, fgd, 5, cv2.GC_INIT_WITH_MASK)
+    expected = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+    assert (got.mask == expected).mean() > 0.99  # the server's image is the model input, de-normalised

@@ -129,7 +129,7 @@ def test_cli_picture_commands_write_pngs_and_a_page(server, tmp_path, chelsea):
         "activations": ["activations", "efficientnet_lite0", str(image), "--layer", "/_blocks.1/Clip_output_0"],
         "occlusion": ["occlusion", "efficientnet_lite0", str(image), "--window", "64", "--stride", "32"],
         "scorecam": ["scorecam", "tiny", str(image), "--layer", "/Add_output_0"],
-        "saliency": ["saliency", "tiny", str(image), "--method", "integrated_gradients", "--steps", "8"],
+        "saliency": ["saliency", "tiny", str(image), "--method", "integrated_gradients", "--steps", "8", "--segment"],
         "guided": ["guided", "tiny", str(image)],
         "deconvnet": ["deconvnet", "tiny", str(image), "--layer", "/conv3/Conv_output_0", "--channel", "1"],
         "cam": ["cam", "efficientnet_lite0", str(image), "--layer", "/Clip_1_output_0", "--method", "gradcam++"],

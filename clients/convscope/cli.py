@@ -257,6 +257,9 @@ def _attribution_pages(args, title: str, call, describe: str, picture: bool = Fa
         if picture:
             page.image(f"{args.command}_{stem}_gradient.png", gradient_picture(r.attribution),
                        "the gradient as an image (grey = 0, standardised)")
+        if getattr(r, "mask_png", b""):
+            page.image(f"{args.command}_{stem}_segment.png", r.mask_png,
+                       f"GrabCut seeded by the map: {r.mask.mean():.0%} of the image kept")
     page.write()
     return 0
 
@@ -264,7 +267,8 @@ def _attribution_pages(args, title: str, call, describe: str, picture: bool = Fa
 def cmd_saliency(client: Client, args) -> int:
     return _attribution_pages(args, f"{args.method} saliency on {args.model}", lambda path, bar: client.saliency(
         args.model, path, args.target, method=args.method, samples=args.samples, noise=args.noise,
-        steps=args.steps, render=True, progress=bar), f"{args.method} (max |attribution| over channels)")
+        steps=args.steps, render=True, segment=args.segment, progress=bar),
+        f"{args.method} (max |attribution| over channels)")
 
 
 def cmd_backprop(client: Client, args) -> int:
@@ -352,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     saliency.add_argument("--samples", type=int, default=0, help="SmoothGrad samples (default 25)")
     saliency.add_argument("--noise", type=float, default=0.0, help="SmoothGrad noise, fraction of the range (0.15)")
     saliency.add_argument("--steps", type=int, default=0, help="Integrated Gradients steps (default 50)")
+    saliency.add_argument("--segment", action="store_true", help="also a GrabCut segmentation seeded by the map")
     saliency.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
     saliency.set_defaults(run=cmd_saliency)
 

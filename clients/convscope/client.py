@@ -145,6 +145,8 @@ class Attribution:
     backward_passes: int
     heatmap_png: bytes
     overlay_png: bytes
+    mask: np.ndarray | None = None   # GrabCut foreground (H, W), when saliency(..., segment=True)
+    mask_png: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,8 @@ _CAMS = {"gradcam": attribution_pb2.CAM_GRADCAM, "gradcam++": attribution_pb2.CA
 
 def _attribution(r) -> Attribution:
     return Attribution(r.target, r.label, from_tensor(r.attribution), from_tensor(r.map), r.backward_passes,
-                       r.heatmap_png, r.overlay_png)
+                       r.heatmap_png, r.overlay_png, from_tensor(r.mask).astype(bool) if r.HasField("mask") else None,
+                       r.mask_png)
 
 
 def _tls_credentials(tls) -> grpc.ChannelCredentials:
@@ -356,15 +359,16 @@ class Client:
     # -- gradient attribution (torch module converted from the ONNX file) -------------------------------
     def saliency(self, model: str, image, target: int | None = None, *, method: str = "vanilla",
                  samples: int = 0, noise: float = 0.0, seed: int = 0, steps: int = 0, baseline: float = 0.0,
-                 batch_size: int = 0, render: bool = False, progress=None,
+                 batch_size: int = 0, render: bool = False, segment: bool = False, progress=None,
                  timeout: float | None = None) -> Attribution:
         """``method``: "vanilla", "smoothgrad" (``samples``, ``noise`` as a fraction of the input range,
-        ``seed``) or "integrated_gradients" (``steps``, constant ``baseline`` in model-input space)."""
+        ``seed``) or "integrated_gradients" (``steps``, constant ``baseline`` in model-input space).
+        ``segment``: also a GrabCut foreground mask seeded by the saliency map."""
         if method not in _SALIENCY:
             raise ValueError(f"method must be one of {list(_SALIENCY)}")
         request = attribution_pb2.SaliencyRequest(
             model=model, image=to_image_message(image), method=_SALIENCY[method], samples=samples, noise=noise,
-            seed=seed, steps=steps, baseline=baseline, batch_size=batch_size, render=render)
+            seed=seed, steps=steps, baseline=baseline, batch_size=batch_size, render=render, segment=segment)
         if target is not None:
             request.target = target
         return _attribution(self._stream(self._attribution.Saliency, request, progress, timeout))

@@ -36,7 +36,7 @@ CAM_CLASS_ACTIVATION: CamMethod
 CAM_GUIDED_GRADCAM: CamMethod
 
 class SaliencyRequest(_message.Message):
-    __slots__ = ("model", "image", "target", "method", "samples", "noise", "seed", "steps", "baseline", "batch_size", "render")
+    __slots__ = ("model", "image", "target", "method", "samples", "noise", "seed", "steps", "baseline", "batch_size", "render", "segment")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class SaliencyRequest(_message.Message):
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     RENDER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: _tensor_pb2.Image
     target: int
@@ -59,7 +60,8 @@ class SaliencyRequest(_message.Message):
     baseline: float
     batch_size: int
     render: bool
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., method: _Optional[_Union[SaliencyMethod, str]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., baseline: _Optional[float] = ..., batch_size: _Optional[int] = ..., render: _Optional[bool] = ...) -> None: ...
+    segment: bool
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., method: _Optional[_Union[SaliencyMethod, str]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., baseline: _Optional[float] = ..., batch_size: _Optional[int] = ..., render: _Optional[bool] = ..., segment: _Optional[bool] = ...) -> None: ...
 
 class GuidedBackpropRequest(_message.Message):
     __slots__ = ("model", "image", "target", "layer", "channel", "rule", "render")
@@ -96,7 +98,7 @@ class GradCamRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., method: _Optional[_Union[CamMethod, str]] = ..., render: _Optional[bool] = ...) -> None: ...
 
 class AttributionResult(_message.Message):
-    __slots__ = ("target", "label", "attribution", "map", "backward_passes", "heatmap_png", "overlay_png")
+    __slots__ = ("target", "label", "attribution", "map", "backward_passes", "heatmap_png", "overlay_png", "mask", "mask_png")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +106,8 @@ class AttributionResult(_message.Message):
     BACKWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    MASK_PNG_FIELD_NUMBER: _ClassVar[int]
     target: int
     label: str
     attribution: _tensor_pb2.Tensor
@@ -111,7 +115,9 @@ class AttributionResult(_message.Message):
     backward_passes: int
     heatmap_png: bytes
     overlay_png: bytes
-    def __init__(self, target: _Optional[int] = ..., label: _Optional[str] = ..., attribution: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., backward_passes: _Optional[int] = ..., heatmap_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ...) -> None: ...
+    mask: _tensor_pb2.Tensor
+    mask_png: bytes
+    def __init__(self, target: _Optional[int] = ..., label: _Optional[str] = ..., attribution: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., backward_passes: _Optional[int] = ..., heatmap_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mask_png: _Optional[bytes] = ...) -> None: ...
 
 class AttributionEvent(_message.Message):
     __slots__ = ("progress", "result")

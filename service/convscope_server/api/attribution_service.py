@@ -14,7 +14,7 @@ from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.forward import activations as acts
 from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.class_activation import class_activation_map, find_linear_head
-from convscope_server.gradient import attribution, backprop, cam, sanity
+from convscope_server.gradient import attribution, backprop, cam, sanity, segmentation
 from convscope_server.onnx.graph import constants
 from convscope_server.tensors import to_tensor
 
@@ -83,8 +83,14 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
                     step=value[0], total=value[1], stage="backward"))
             elif value is not None:
                 shown = attribution.saliency_map(value, channel_axis)
-                yield attribution_pb2.AttributionEvent(result=self._result(
-                    model, sample, target, value, shown, passes, request.render))
+                result = self._result(model, sample, target, value, shown, passes, request.render)
+                if request.segment:
+                    image = render.display_image(sample, model.config)
+                    mask = segmentation.grabcut(image, shown)
+                    to_tensor(mask.astype(np.uint8), out=result.mask)
+                    if request.render:
+                        result.mask_png = render.png(np.where(mask[..., None], image, image // 4))
+                yield attribution_pb2.AttributionEvent(result=result)
 
     def GuidedBackprop(self, request, context):
         model, torch_model, sample, target = self._prepare(request)
