@@ -266,3 +266,18 @@ def test_saliency_segmentation_is_grabcut_seeded_by_the_map(client, chelsea):
     cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), mask, None, bgd, fgd, 5, cv2.GC_INIT_WITH_MASK)
     expected = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
     assert (got.mask == expected).mean() > 0.99  # the server's image is the model input, de-normalised
+
+
+@pytest.mark.parametrize("rule", ["guided", "deconvnet"])
+def test_backprop_of_one_neuron_and_on_nhwc(client, rule):
+    from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
+
+    native = tiny_net(captum_relu6=True)
+    method = client.guided_backprop if rule == "guided" else client.deconvnet
+    got = method("tiny", X, layer="/conv3/Conv_output_0", channel=2, neuron=(3, 5))
+    neuron = (NeuronGuidedBackprop if rule == "guided" else NeuronDeconvolution)(native, native.conv3)
+    close(got.attribution, neuron.attribute(_t(X), neuron_selector=(2, 3, 5))[0].numpy())
+    x_nhwc = np.ascontiguousarray(X.transpose(1, 2, 0))
+    close(method("tiny_nhwc", x_nhwc, target=5).attribution, method("tiny", X, target=5).attribution.transpose(1, 2, 0))
+    with pytest.raises(InvalidArgument, match="row: 8 is outside '/conv3/Conv_output_0''s 0..7"):
+        method("tiny", X, layer="/conv3/Conv_output_0", neuron=(8, 0))

@@ -373,22 +373,27 @@ class Client:
             request.target = target
         return _attribution(self._stream(self._attribution.Saliency, request, progress, timeout))
 
-    def _backprop(self, rule, model, image, target, layer, channel, render):
+    def _backprop(self, rule, model, image, target, layer, channel, render, neuron):
         request = attribution_pb2.GuidedBackpropRequest(model=model, image=to_image_message(image), layer=layer,
                                                         channel=channel, rule=rule, render=render)
         if target is not None:
             request.target = target
+        if neuron is not None:
+            request.row, request.col = neuron
         return _attribution(self._call(self._attribution.GuidedBackprop, request))
 
     def guided_backprop(self, model: str, image, target: int | None = None, *, layer: str = "",
-                        channel: int = 0, render: bool = False) -> Attribution:
-        """Guided backpropagation of a class score, or of ``layer``'s ``channel`` when a layer is given."""
-        return self._backprop(attribution_pb2.BACKPROP_GUIDED, model, image, target, layer, channel, render)
+                        channel: int = 0, neuron: tuple[int, int] | None = None,
+                        render: bool = False) -> Attribution:
+        """Guided backpropagation of a class score, or of ``layer``'s ``channel`` when a layer is given
+        (summed, or the single unit at ``neuron`` = (row, col))."""
+        return self._backprop(attribution_pb2.BACKPROP_GUIDED, model, image, target, layer, channel, render, neuron)
 
     def deconvnet(self, model: str, image, target: int | None = None, *, layer: str = "", channel: int = 0,
-                  render: bool = False) -> Attribution:
-        """DeconvNet reconstruction of a class score, or of ``layer``'s ``channel``."""
-        return self._backprop(attribution_pb2.BACKPROP_DECONVNET, model, image, target, layer, channel, render)
+                  neuron: tuple[int, int] | None = None, render: bool = False) -> Attribution:
+        """DeconvNet reconstruction of a class score, or of ``layer``'s ``channel`` (or one ``neuron``)."""
+        return self._backprop(attribution_pb2.BACKPROP_DECONVNET, model, image, target, layer, channel, render,
+                              neuron)
 
     def cam(self, model: str, image, target: int | None = None, *, layer: str = "", method: str = "gradcam",
             render: bool = False) -> Attribution:

@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from convscope.v1 import tensor_pb2 as convscope_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onvscope/v1/attribution.proto\x12\x0c\x63onvscope.v1\x1a\x19\x63onvscope/v1/tensor.proto\"\x96\x02\n\x0fSaliencyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12,\n\x06method\x18\x04 \x01(\x0e\x32\x1c.convscope.v1.SaliencyMethod\x12\x0f\n\x07samples\x18\x05 \x01(\x05\x12\r\n\x05noise\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x10\n\x08\x62\x61seline\x18\t \x01(\x02\x12\x12\n\nbatch_size\x18\n \x01(\x05\x12\x0e\n\x06render\x18\x0b \x01(\x08\x12\x0f\n\x07segment\x18\x0c \x01(\x08\x42\t\n\x07_target\"\xc4\x01\n\x15GuidedBackpropRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05layer\x18\x04 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x05 \x01(\x03\x12(\n\x04rule\x18\x06 \x01(\x0e\x32\x1a.convscope.v1.BackpropRule\x12\x0e\n\x06render\x18\x07 \x01(\x08\x42\t\n\x07_target\"\xab\x01\n\x0eGradCamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05layer\x18\x04 \x01(\t\x12\'\n\x06method\x18\x05 \x01(\x0e\x32\x17.convscope.v1.CamMethod\x12\x0e\n\x06render\x18\x06 \x01(\x08\x42\t\n\x07_target\"\xf9\x01\n\x11\x41ttributionResult\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12)\n\x0b\x61ttribution\x18\x03 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12!\n\x03map\x18\x04 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x17\n\x0f\x62\x61\x63kward_passes\x18\x05 \x01(\x03\x12\x13\n\x0bheatmap_png\x18\x06 \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x07 \x01(\x0c\x12\"\n\x04mask\x18\x08 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x10\n\x08mask_png\x18\t \x01(\x0c\"z\n\x10\x41ttributionEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.convscope.v1.AttributionResultH\x00\x42\x07\n\x05\x65vent\"\xdd\x01\n\x12SanityCheckRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07methods\x18\x04 \x03(\t\x12\x11\n\tcam_layer\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x13\n\x0breturn_maps\x18\t \x01(\x08\x12\x0e\n\x06render\x18\n \x01(\x08\x42\t\n\x07_target\"\x91\x01\n\x12MethodCorrelations\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x10\n\x08spearman\x18\x02 \x03(\x02\x12*\n\x0coriginal_map\x18\x03 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12-\n\x0frandomized_maps\x18\x04 \x03(\x0b\x32\x14.convscope.v1.Tensor\"\x82\x01\n\x11SanityCheckResult\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x31\n\x07methods\x18\x04 \x03(\x0b\x32 .convscope.v1.MethodCorrelations\x12\x0b\n\x03png\x18\x05 \x01(\x0c\"z\n\x10SanityCheckEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.convscope.v1.SanityCheckResultH\x00\x42\x07\n\x05\x65vent*b\n\x0eSaliencyMethod\x12\x14\n\x10SALIENCY_VANILLA\x10\x00\x12\x17\n\x13SALIENCY_SMOOTHGRAD\x10\x01\x12!\n\x1dSALIENCY_INTEGRATED_GRADIENTS\x10\x02*;\n\x0c\x42\x61\x63kpropRule\x12\x13\n\x0f\x42\x41\x43KPROP_GUIDED\x10\x00\x12\x16\n\x12\x42\x41\x43KPROP_DECONVNET\x10\x01*i\n\tCamMethod\x12\x0f\n\x0b\x43\x41M_GRADCAM\x10\x00\x12\x19\n\x15\x43\x41M_GRADCAM_PLUS_PLUS\x10\x01\x12\x18\n\x14\x43\x41M_CLASS_ACTIVATION\x10\x02\x12\x16\n\x12\x43\x41M_GUIDED_GRADCAM\x10\x03\x32\xd6\x02\n\x12\x41ttributionService\x12K\n\x08Saliency\x12\x1d.convscope.v1.SaliencyRequest\x1a\x1e.convscope.v1.AttributionEvent0\x01\x12V\n\x0eGuidedBackprop\x12#.convscope.v1.GuidedBackpropRequest\x1a\x1f.convscope.v1.AttributionResult\x12H\n\x07GradCam\x12\x1c.convscope.v1.GradCamRequest\x1a\x1f.convscope.v1.AttributionResult\x12Q\n\x0bSanityCheck\x12 .convscope.v1.SanityCheckRequest\x1a\x1e.convscope.v1.SanityCheckEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onvscope/v1/attribution.proto\x12\x0c\x63onvscope.v1\x1a\x19\x63onvscope/v1/tensor.proto\"\x96\x02\n\x0fSaliencyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12,\n\x06method\x18\x04 \x01(\x0e\x32\x1c.convscope.v1.SaliencyMethod\x12\x0f\n\x07samples\x18\x05 \x01(\x05\x12\r\n\x05noise\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x10\n\x08\x62\x61seline\x18\t \x01(\x02\x12\x12\n\nbatch_size\x18\n \x01(\x05\x12\x0e\n\x06render\x18\x0b \x01(\x08\x12\x0f\n\x07segment\x18\x0c \x01(\x08\x42\t\n\x07_target\"\xf8\x01\n\x15GuidedBackpropRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05layer\x18\x04 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x05 \x01(\x03\x12(\n\x04rule\x18\x06 \x01(\x0e\x32\x1a.convscope.v1.BackpropRule\x12\x0e\n\x06render\x18\x07 \x01(\x08\x12\x10\n\x03row\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x10\n\x03\x63ol\x18\t \x01(\x03H\x02\x88\x01\x01\x42\t\n\x07_targetB\x06\n\x04_rowB\x06\n\x04_col\"\xab\x01\n\x0eGradCamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05layer\x18\x04 \x01(\t\x12\'\n\x06method\x18\x05 \x01(\x0e\x32\x17.convscope.v1.CamMethod\x12\x0e\n\x06render\x18\x06 \x01(\x08\x42\t\n\x07_target\"\xf9\x01\n\x11\x41ttributionResult\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12)\n\x0b\x61ttribution\x18\x03 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12!\n\x03map\x18\x04 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x17\n\x0f\x62\x61\x63kward_passes\x18\x05 \x01(\x03\x12\x13\n\x0bheatmap_png\x18\x06 \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x07 \x01(\x0c\x12\"\n\x04mask\x18\x08 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12\x10\n\x08mask_png\x18\t \x01(\x0c\"z\n\x10\x41ttributionEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.convscope.v1.AttributionResultH\x00\x42\x07\n\x05\x65vent\"\xdd\x01\n\x12SanityCheckRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.convscope.v1.Image\x12\x13\n\x06target\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07methods\x18\x04 \x03(\t\x12\x11\n\tcam_layer\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x13\n\x0breturn_maps\x18\t \x01(\x08\x12\x0e\n\x06render\x18\n \x01(\x08\x42\t\n\x07_target\"\x91\x01\n\x12MethodCorrelations\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x10\n\x08spearman\x18\x02 \x03(\x02\x12*\n\x0coriginal_map\x18\x03 \x01(\x0b\x32\x14.convscope.v1.Tensor\x12-\n\x0frandomized_maps\x18\x04 \x03(\x0b\x32\x14.convscope.v1.Tensor\"\x82\x01\n\x11SanityCheckResult\x12\x0e\n\x06target\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x31\n\x07methods\x18\x04 \x03(\x0b\x32 .convscope.v1.MethodCorrelations\x12\x0b\n\x03png\x18\x05 \x01(\x0c\"z\n\x10SanityCheckEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.convscope.v1.SanityCheckResultH\x00\x42\x07\n\x05\x65vent*b\n\x0eSaliencyMethod\x12\x14\n\x10SALIENCY_VANILLA\x10\x00\x12\x17\n\x13SALIENCY_SMOOTHGRAD\x10\x01\x12!\n\x1dSALIENCY_INTEGRATED_GRADIENTS\x10\x02*;\n\x0c\x42\x61\x63kpropRule\x12\x13\n\x0f\x42\x41\x43KPROP_GUIDED\x10\x00\x12\x16\n\x12\x42\x41\x43KPROP_DECONVNET\x10\x01*i\n\tCamMethod\x12\x0f\n\x0b\x43\x41M_GRADCAM\x10\x00\x12\x19\n\x15\x43\x41M_GRADCAM_PLUS_PLUS\x10\x01\x12\x18\n\x14\x43\x41M_CLASS_ACTIVATION\x10\x02\x12\x16\n\x12\x43\x41M_GUIDED_GRADCAM\x10\x03\x32\xd6\x02\n\x12\x41ttributionService\x12K\n\x08Saliency\x12\x1d.convscope.v1.SaliencyRequest\x1a\x1e.convscope.v1.AttributionEvent0\x01\x12V\n\x0eGuidedBackprop\x12#.convscope.v1.GuidedBackpropRequest\x1a\x1f.convscope.v1.AttributionResult\x12H\n\x07GradCam\x12\x1c.convscope.v1.GradCamRequest\x1a\x1f.convscope.v1.AttributionResult\x12Q\n\x0bSanityCheck\x12 .convscope.v1.SanityCheckRequest\x1a\x1e.convscope.v1.SanityCheckEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'convscope.v1.attribution_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SALIENCYMETHOD']._serialized_start=1734
-  _globals['_SALIENCYMETHOD']._serialized_end=1832
-  _globals['_BACKPROPRULE']._serialized_start=1834
-  _globals['_BACKPROPRULE']._serialized_end=1893
-  _globals['_CAMMETHOD']._serialized_start=1895
-  _globals['_CAMMETHOD']._serialized_end=2000
+  _globals['_SALIENCYMETHOD']._serialized_start=1786
+  _globals['_SALIENCYMETHOD']._serialized_end=1884
+  _globals['_BACKPROPRULE']._serialized_start=1886
+  _globals['_BACKPROPRULE']._serialized_end=1945
+  _globals['_CAMMETHOD']._serialized_start=1947
+  _globals['_CAMMETHOD']._serialized_end=2052
   _globals['_SALIENCYREQUEST']._serialized_start=76
   _globals['_SALIENCYREQUEST']._serialized_end=354
   _globals['_GUIDEDBACKPROPREQUEST']._serialized_start=357
-  _globals['_GUIDEDBACKPROPREQUEST']._serialized_end=553
-  _globals['_GRADCAMREQUEST']._serialized_start=556
-  _globals['_GRADCAMREQUEST']._serialized_end=727
-  _globals['_ATTRIBUTIONRESULT']._serialized_start=730
-  _globals['_ATTRIBUTIONRESULT']._serialized_end=979
-  _globals['_ATTRIBUTIONEVENT']._serialized_start=981
-  _globals['_ATTRIBUTIONEVENT']._serialized_end=1103
-  _globals['_SANITYCHECKREQUEST']._serialized_start=1106
-  _globals['_SANITYCHECKREQUEST']._serialized_end=1327
-  _globals['_METHODCORRELATIONS']._serialized_start=1330
-  _globals['_METHODCORRELATIONS']._serialized_end=1475
-  _globals['_SANITYCHECKRESULT']._serialized_start=1478
-  _globals['_SANITYCHECKRESULT']._serialized_end=1608
-  _globals['_SANITYCHECKEVENT']._serialized_start=1610
-  _globals['_SANITYCHECKEVENT']._serialized_end=1732
-  _globals['_ATTRIBUTIONSERVICE']._serialized_start=2003
-  _globals['_ATTRIBUTIONSERVICE']._serialized_end=2345
+  _globals['_GUIDEDBACKPROPREQUEST']._serialized_end=605
+  _globals['_GRADCAMREQUEST']._serialized_start=608
+  _globals['_GRADCAMREQUEST']._serialized_end=779
+  _globals['_ATTRIBUTIONRESULT']._serialized_start=782
+  _globals['_ATTRIBUTIONRESULT']._serialized_end=1031
+  _globals['_ATTRIBUTIONEVENT']._serialized_start=1033
+  _globals['_ATTRIBUTIONEVENT']._serialized_end=1155
+  _globals['_SANITYCHECKREQUEST']._serialized_start=1158
+  _globals['_SANITYCHECKREQUEST']._serialized_end=1379
+  _globals['_METHODCORRELATIONS']._serialized_start=1382
+  _globals['_METHODCORRELATIONS']._serialized_end=1527
+  _globals['_SANITYCHECKRESULT']._serialized_start=1530
+  _globals['_SANITYCHECKRESULT']._serialized_end=1660
+  _globals['_SANITYCHECKEVENT']._serialized_start=1662
+  _globals['_SANITYCHECKEVENT']._serialized_end=1784
+  _globals['_ATTRIBUTIONSERVICE']._serialized_start=2055
+  _globals['_ATTRIBUTIONSERVICE']._serialized_end=2397
 # @@protoc_insertion_point(module_scope)

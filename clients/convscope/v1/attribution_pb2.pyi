@@ -64,7 +64,7 @@ class SaliencyRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., method: _Optional[_Union[SaliencyMethod, str]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., baseline: _Optional[float] = ..., batch_size: _Optional[int] = ..., render: _Optional[bool] = ..., segment: _Optional[bool] = ...) -> None: ...
 
 class GuidedBackpropRequest(_message.Message):
-    __slots__ = ("model", "image", "target", "layer", "channel", "rule", "render")
+    __slots__ = ("model", "image", "target", "layer", "channel", "rule", "render", "row", "col")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class GuidedBackpropRequest(_message.Message):
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
     RENDER_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    COL_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: _tensor_pb2.Image
     target: int
@@ -79,7 +81,9 @@ class GuidedBackpropRequest(_message.Message):
     channel: int
     rule: BackpropRule
     render: bool
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., channel: _Optional[int] = ..., rule: _Optional[_Union[BackpropRule, str]] = ..., render: _Optional[bool] = ...) -> None: ...
+    row: int
+    col: int
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., channel: _Optional[int] = ..., rule: _Optional[_Union[BackpropRule, str]] = ..., render: _Optional[bool] = ..., row: _Optional[int] = ..., col: _Optional[int] = ...) -> None: ...
 
 class GradCamRequest(_message.Message):
     __slots__ = ("model", "image", "target", "layer", "method", "render")

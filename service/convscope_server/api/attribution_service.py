@@ -107,8 +107,19 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
                 raise InvalidArgument("channel", f"{request.channel} is outside {layer.name!r}'s channels "
                                       f"0..{channels - 1}")
             layer_name, channel_of_layer = layer.name, 3 if layer.layout == "NHWC" else 1
+        position = None
+        if request.HasField("row") != request.HasField("col"):
+            raise InvalidArgument("col" if request.HasField("row") else "row", "give both row and col, or neither")
+        if request.HasField("row"):
+            if not layer_name or layer.spatial is None:
+                raise InvalidArgument("row", "a neuron position needs a spatial layer")
+            height, width = (layer.shape[1], layer.shape[2]) if layer.layout == "NHWC" else layer.shape[2:4]
+            for field, value, size in (("row", request.row, height), ("col", request.col, width)):
+                if size > 0 and not 0 <= value < size:
+                    raise InvalidArgument(field, f"{value} is outside {layer.name!r}'s 0..{size - 1}")
+            position = (int(request.row), int(request.col))
         grads = backprop.modified_gradient(torch_model, sample, rule, target, layer_name, int(request.channel),
-                                           channel_of_layer)
+                                           channel_of_layer, position)
         return self._result(model, sample, target, grads, attribution.saliency_map(grads, channel_axis), 1,
                             request.render)
 

@@ -69,13 +69,19 @@ def modified_relus(torch_model, rule: str):
 
 
 def modified_gradient(torch_model, sample: np.ndarray, rule: str, target: int | None = None,
-                      layer: str | None = None, channel: int = 0, channel_axis: int = 1) -> np.ndarray:
-    """Gradient of the target logit, or of the sum of ``layer``'s channel ``channel``, w.r.t. the input."""
+                      layer: str | None = None, channel: int = 0, channel_axis: int = 1,
+                      position: tuple[int, int] | None = None) -> np.ndarray:
+    """Gradient of the target logit, or of ``layer``'s channel ``channel`` (summed, or the one neuron at
+    ``position`` = (row, col)), w.r.t. the input."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(sample[None])).to(torch_model.device).requires_grad_(True)
     with modified_relus(torch_model, rule), torch_model.capture([layer] if layer else []) as store:
         logits = torch_model.logits(x)
-        objective = logits[:, target].sum() if layer is None else store[layer].select(channel_axis, channel).sum()
+        if layer is None:
+            objective = logits[:, target].sum()
+        else:
+            plane = store[layer].select(channel_axis, channel)  # (N, H, W) whatever the layout
+            objective = plane.sum() if position is None else plane[:, position[0], position[1]].sum()
         objective.backward()
     return x.grad.detach().cpu().numpy()[0]

@@ -1,7 +1,9 @@
 """ONNX -> torch bridge: convert a served model with onnx2pytorch, freeze it, and prove it on a probe.
 
-The module is converted from the same shape-inferred graph onnxruntime serves, so every tensor keeps its
-ONNX name; ``capture`` hooks a tensor by that name. At conversion a seeded random input goes through both
+The graph is first simplified with onnxslim (constant folding, so shape arithmetic is not re-run and
+differentiated on every pass), and the simplified graph is used only if every tensor name survives;
+otherwise the served graph is converted as it is. Either way every tensor keeps the ONNX name the
+onnxruntime side uses, and ``capture`` hooks a tensor by that name. At conversion a seeded random input goes through both
 onnxruntime and torch; a relative difference above 1e-4 (or any conversion error) marks the model
 gradient-unavailable with the reason, and forward methods keep working.
 """
@@ -113,12 +115,29 @@ def _fast_clips(module, proto) -> int:
     return swapped
 
 
+def simplified(proto):
+    """onnxslim's simplification of ``proto`` when it keeps every node-output name, else ``proto``."""
+    try:
+        import onnx
+        import onnxslim
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        slim = onnxslim.slim(copy)
+    except Exception:  # onnxslim missing or failing: the served graph converts as it is
+        return proto
+    wanted = {out for node in proto.graph.node if node.op_type != "Constant" for out in node.output if out}
+    kept = {out for node in slim.graph.node for out in node.output} | {i.name for i in slim.graph.initializer}
+    return slim if wanted <= kept else proto
+
+
 def _convert(model, device: str) -> TorchModel:
     import torch
     from onnx2pytorch import ConvertModel
 
-    module = ConvertModel(model.proto, experimental=True)
-    _fast_clips(module, model.proto)
+    graph = simplified(model.proto)
+    module = ConvertModel(graph, experimental=True)
+    _fast_clips(module, graph)
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
