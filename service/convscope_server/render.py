@@ -28,6 +28,15 @@ def normalize(values: np.ndarray) -> np.ndarray:
     return np.zeros_like(values, dtype=np.float32) if hi <= lo else ((values - lo) / (hi - lo)).astype(np.float32)
 
 
+def normalize_robust(values: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+    """Non-negative maps (saliency) -> [0, 1], scaled to their ``percentile`` so a few extreme pixels do not
+    turn the rest black (the outlier clipping Captum's visualiser applies too)."""
+    top = float(np.percentile(values, percentile))
+    if top <= 0:
+        return normalize(values)
+    return np.clip(values / top, 0, 1).astype(np.float32)
+
+
 def png(pixels: np.ndarray) -> bytes:
     """uint8 HxW or HxWx3 -> PNG bytes."""
     buffer = io.BytesIO()

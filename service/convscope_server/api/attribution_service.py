@@ -38,7 +38,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         to_tensor(attributed.astype(np.float32), out=result.attribution)
         to_tensor(shown.astype(np.float32), out=result.map)
         if render_it:
-            heat = render.normalize(shown) if heat is None else heat
+            heat = render.normalize_robust(shown) if heat is None else heat
             result.heatmap_png = render.png(render.colormap(heat))
             result.overlay_png = render.png(render.overlay(render.display_image(sample, model.config), heat))
         return result
