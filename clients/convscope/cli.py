@@ -285,6 +285,18 @@ def cmd_cam(client: Client, args) -> int:
         args.method, picture=args.method == "guided_gradcam")
 
 
+def image_command(commands, name: str, help: str, run, target: bool = True):
+    """A picture-making subcommand over MODEL IMAGE...: with --target (when it has one) and --out."""
+    sub = commands.add_parser(name, help=help)
+    sub.add_argument("model")
+    sub.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    if target:
+        sub.add_argument("--target", type=int, default=None, help="class (default: the predicted one)")
+    sub.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
+    sub.set_defaults(run=run)
+    return sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convscope", description="Inspect convolutional networks served by a "
                                      "convscope server.")
@@ -321,63 +333,37 @@ def build_parser() -> argparse.ArgumentParser:
     filters.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
     filters.set_defaults(run=cmd_filters)
 
-    activations = commands.add_parser("activations", help="channel grids of tensors for images")
-    activations.add_argument("model")
-    activations.add_argument("images", nargs="+")
+    activations = image_command(commands, "activations", "channel grids of tensors for images", cmd_activations,
+                                target=False)
     activations.add_argument("--layer", action="append", required=True, help="tensor name (repeatable)")
     activations.add_argument("--max-channels", type=int, default=64)
-    activations.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
-    activations.set_defaults(run=cmd_activations)
 
-    occlusion = commands.add_parser("occlusion", help="occlusion sensitivity maps")
-    occlusion.add_argument("model")
-    occlusion.add_argument("images", nargs="+")
-    occlusion.add_argument("--target", type=int, default=None, help="class (default: the predicted one)")
+    occlusion = image_command(commands, "occlusion", "occlusion sensitivity maps", cmd_occlusion)
     occlusion.add_argument("--window", type=int, default=32)
     occlusion.add_argument("--stride", type=int, default=None, help="default: half the window")
     occlusion.add_argument("--baseline", default="constant", choices=["constant", "mean", "blur"])
     occlusion.add_argument("--score", default="probability", choices=["probability", "logit"])
-    occlusion.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
-    occlusion.set_defaults(run=cmd_occlusion)
 
-    scorecam = commands.add_parser("scorecam", help="Score-CAM class activation maps")
-    scorecam.add_argument("model")
-    scorecam.add_argument("images", nargs="+")
+    scorecam = image_command(commands, "scorecam", "Score-CAM class activation maps", cmd_scorecam)
     scorecam.add_argument("--layer", required=True, help="a spatial tensor, e.g. the last conv block's activation")
-    scorecam.add_argument("--target", type=int, default=None)
-    scorecam.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
-    scorecam.set_defaults(run=cmd_scorecam)
 
-    saliency = commands.add_parser("saliency", help="gradient saliency: vanilla, SmoothGrad, Integrated Gradients")
-    saliency.add_argument("model")
-    saliency.add_argument("images", nargs="+")
-    saliency.add_argument("--target", type=int, default=None)
+    saliency = image_command(commands, "saliency", "gradient saliency: vanilla, SmoothGrad, Integrated Gradients",
+                             cmd_saliency)
     saliency.add_argument("--method", default="vanilla", choices=["vanilla", "smoothgrad", "integrated_gradients"])
     saliency.add_argument("--samples", type=int, default=0, help="SmoothGrad samples (default 25)")
     saliency.add_argument("--noise", type=float, default=0.0, help="SmoothGrad noise, fraction of the range (0.15)")
     saliency.add_argument("--steps", type=int, default=0, help="Integrated Gradients steps (default 50)")
     saliency.add_argument("--segment", action="store_true", help="also a GrabCut segmentation seeded by the map")
-    saliency.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
-    saliency.set_defaults(run=cmd_saliency)
 
     for name, text in (("guided", "guided backpropagation"), ("deconvnet", "DeconvNet reconstruction")):
-        sub = commands.add_parser(name, help=f"{text} of a class score or one channel")
-        sub.add_argument("model")
-        sub.add_argument("images", nargs="+")
-        sub.add_argument("--target", type=int, default=None)
+        sub = image_command(commands, name, f"{text} of a class score or one channel", cmd_backprop)
         sub.add_argument("--layer", default=None, help="explain this layer's channel instead of a class")
         sub.add_argument("--channel", type=int, default=0)
-        sub.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
-        sub.set_defaults(run=cmd_backprop)
 
-    cam = commands.add_parser("cam", help="class activation maps: Grad-CAM, Grad-CAM++, CAM, Guided Grad-CAM")
-    cam.add_argument("model")
-    cam.add_argument("images", nargs="+")
+    cam = image_command(commands, "cam", "class activation maps: Grad-CAM, Grad-CAM++, CAM, Guided Grad-CAM",
+                        cmd_cam)
     cam.add_argument("--layer", default=None, help="a spatial tensor (CAM: may be left out)")
-    cam.add_argument("--target", type=int, default=None)
     cam.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "cam", "guided_gradcam"])
-    cam.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
-    cam.set_defaults(run=cmd_cam)
     return parser
 
 
