@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onvscope/v1/tensor.proto\x12\x0c\x63onvscope.v1\";\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08raw_data\x18\x03 \x01(\x0c\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x14.convscope.v1.TensorH\x00\x42\x08\n\x06source\"6\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onvscope/v1/tensor.proto\x12\x0c\x63onvscope.v1\";\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08raw_data\x18\x03 \x01(\x0c\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x14.convscope.v1.TensorH\x00\x42\x08\n\x06source\"Y\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04loss\x18\x04 \x01(\x02\x12\x13\n\x0bpreview_png\x18\x05 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,5 +36,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_start=104
   _globals['_IMAGE']._serialized_end=179
   _globals['_PROGRESS']._serialized_start=181
-  _globals['_PROGRESS']._serialized_end=235
+  _globals['_PROGRESS']._serialized_end=270
 # @@protoc_insertion_point(module_scope)

@@ -25,11 +25,15 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., array: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("step", "total", "stage")
+    __slots__ = ("step", "total", "stage", "loss", "preview_png")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_PNG_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     stage: str
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., stage: _Optional[str] = ...) -> None: ...
+    loss: float
+    preview_png: bytes
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., stage: _Optional[str] = ..., loss: _Optional[float] = ..., preview_png: _Optional[bytes] = ...) -> None: ...

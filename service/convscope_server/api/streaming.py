@@ -7,8 +7,8 @@ import threading
 
 
 def stream_job(context, work):
-    """Run ``work(progress, should_stop)`` in a worker thread and yield ("progress", (step, total, stage))
-    events while it runs, then ("result", value). ``should_stop()`` turns true when the client cancels,
+    """Run ``work(progress, should_stop)`` in a worker thread and yield ("progress", (step, total, stage,
+    loss, preview_png)) events while it runs, then ("result", value). ``should_stop()`` turns true when the client cancels,
     the deadline passes, or the response stream is closed; the work checks it between batches."""
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -16,8 +16,8 @@ def stream_job(context, work):
     def should_stop() -> bool:
         return stop.is_set() or not context.is_active()
 
-    def progress(step: int, total: int, stage: str = "") -> None:
-        events.put(("progress", (step, total, stage)))
+    def progress(step: int, total: int, stage: str = "", loss: float = 0.0, preview: bytes = b"") -> None:
+        events.put(("progress", (step, total, stage, loss, preview)))
 
     def run() -> None:
         try:

@@ -1,0 +1,84 @@
+"""Adversarial examples: the fast gradient sign method (Goodfellow et al. 2015, "Explaining and Harnessing
+Adversarial Examples") and iterative targeted fooling (Kurakin et al. 2017; the lecture's "make this
+image a <class>"), with a robustness curve of top-1 accuracy against epsilon. Epsilon is in [0, 1] pixel
+units, whatever the model's normalisation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _loss_gradient(torch_model, space, x, labels):
+    import torch
+    import torch.nn.functional as F
+
+    x = x.detach().clone().requires_grad_(True)
+    logits = torch_model.logits(space.model_input(x))
+    F.cross_entropy(logits, labels, reduction="sum").backward()
+    return x.grad, logits.detach()
+
+
+def fgsm(torch_model, space, x, labels, epsilon: float):
+    """x + epsilon * sign(grad of the loss of ``labels``), clipped to valid pixels. x: (N, C, H, W)."""
+    import torch
+
+    low, high = space.bounds()
+    grad, _ = _loss_gradient(torch_model, space, x, labels)
+    adversarial = x + epsilon * space.per_pixel_unit() * grad.sign()
+    return torch.maximum(torch.minimum(adversarial, high), low).detach()
+
+
+def targeted(torch_model, space, x, target: int, step_size: float, epsilon: float, steps: int,
+             stop_probability: float, report=None, should_stop=None):
+    """Iterative sign steps down the loss of ``target`` within an L-inf ball of ``epsilon`` until
+    p(target) >= ``stop_probability``. Returns (x, probabilities per step) or None when stopped."""
+    import torch
+
+    low, high = space.bounds()
+    unit = space.per_pixel_unit()
+    labels = torch.tensor([target])
+    adversarial = x.detach().clone()
+    history = []
+    for step in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            return None
+        grad, logits = _loss_gradient(torch_model, space, adversarial, labels)
+        probability = float(torch.softmax(logits, 1)[0, target])
+        if probability >= stop_probability:
+            break
+        with torch.no_grad():
+            adversarial = adversarial - step_size * unit * grad.sign()
+            adversarial = torch.maximum(torch.minimum(adversarial, x + epsilon * unit), x - epsilon * unit)
+            adversarial = torch.maximum(torch.minimum(adversarial, high), low)
+        history.append(probability)
+        if report is not None:
+            report(step, probability, adversarial)
+    with torch.no_grad():
+        final = float(torch.softmax(torch_model.logits(space.model_input(adversarial)), 1)[0, target])
+    history.append(final)
+    return adversarial, history
+
+
+def robustness_curve(torch_model, space, xs, labels, epsilons: list[float], chunk: int, progress=None,
+                     should_stop=None) -> np.ndarray | None:
+    """Top-1 accuracy under FGSM at each epsilon, over images ``xs`` (N, C, H, W) with ``labels`` (N,)."""
+    import torch
+
+    accuracy = np.zeros(len(epsilons))
+    total = len(epsilons) * len(xs)
+    done = 0
+    for i, epsilon in enumerate(epsilons):
+        correct = 0
+        for begin in range(0, len(xs), chunk):
+            if should_stop is not None and should_stop():
+                return None
+            x, y = xs[begin: begin + chunk], labels[begin: begin + chunk]
+            adversarial = fgsm(torch_model, space, x, y, epsilon) if epsilon > 0 else x
+            with torch.no_grad():
+                correct += int((torch_model.logits(space.model_input(adversarial)).argmax(1) == y).sum())
+            done += len(x)
+            if progress is not None:
+                progress(done, total, f"epsilon {epsilon:g}")
+        accuracy[i] = correct / len(xs)
+    return accuracy

@@ -1,0 +1,140 @@
+"""What every synthesis job shares: the model's input space, objectives, regularisers, previews.
+
+Images are optimised as NCHW float tensors in the model's input space (after mean/std); ``InputSpace``
+knows the valid range per channel, converts to and from [0, 1] pixels, and lays images out as the model
+wants (NHWC models get a permute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from convscope_server import render
+
+
+@dataclass
+class InputSpace:
+    mean: np.ndarray      # (C,) in [0, scale] pixel units
+    std: np.ndarray
+    scale: float
+    layout: str
+    bgr: bool
+
+    @classmethod
+    def of(cls, config) -> InputSpace:
+        return cls(np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32), config.scale,
+                   config.layout, config.channel_order == "BGR")
+
+    def bounds(self):
+        """(low, high) per channel, shaped (1, C, 1, 1) torch tensors: the input of pixels 0 and 1."""
+        import torch
+
+        low = (0 - self.mean) / self.std
+        high = (self.scale - self.mean) / self.std
+        return (torch.from_numpy(low).view(1, -1, 1, 1), torch.from_numpy(high).view(1, -1, 1, 1))
+
+    def per_pixel_unit(self):
+        """How far one [0, 1] pixel unit moves each channel of the input, (1, C, 1, 1)."""
+        import torch
+
+        return torch.from_numpy(self.scale / self.std).view(1, -1, 1, 1)
+
+    def from_sample(self, sample: np.ndarray):
+        """One model-input sample (model layout) -> (1, C, H, W) torch tensor."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(sample))[None]
+        return x.permute(0, 3, 1, 2).contiguous() if self.layout == "NHWC" else x
+
+    def to_sample(self, x) -> np.ndarray:
+        """(1, C, H, W) torch tensor -> one model-input sample in the model's layout."""
+        x = x.detach().cpu()[0]
+        return (x.permute(1, 2, 0) if self.layout == "NHWC" else x).numpy().astype(np.float32)
+
+    def model_input(self, x):
+        return x.permute(0, 2, 3, 1) if self.layout == "NHWC" else x
+
+    def pixels(self, x) -> np.ndarray:
+        """(1, C, H, W) input -> uint8 HxWx3 RGB for showing."""
+        chw = x.detach().cpu()[0].numpy()
+        hwc = (chw.transpose(1, 2, 0) * self.std + self.mean) * (255.0 / self.scale)
+        if self.bgr:
+            hwc = hwc[..., ::-1]
+        hwc = hwc.clip(0, 255).round().astype(np.uint8)
+        return np.repeat(hwc, 3, axis=2) if hwc.shape[2] == 1 else hwc
+
+    def random(self, height: int, width: int, seed: int, spread: float = 0.1):
+        """A random image near mid-grey, (1, C, H, W)."""
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        pixels = 0.5 + spread * torch.randn(1, len(self.mean), height, width, generator=generator)
+        return self.from_pixels01(pixels)
+
+    def from_pixels01(self, pixels):
+        import torch
+
+        mean = torch.from_numpy(self.mean / self.scale).view(1, -1, 1, 1)
+        std = torch.from_numpy(self.std / self.scale).view(1, -1, 1, 1)
+        return ((pixels - mean) / std).float()
+
+
+@dataclass
+class Objective:
+    """What to maximise: a class logit (pre-softmax), or a layer's channel mean, or one neuron."""
+
+    target: int | None = None
+    layer: str | None = None
+    channel: int = 0
+    position: tuple[int, int] | None = None
+    channel_axis: int = 1
+
+    def layers(self) -> list[str]:
+        return [self.layer] if self.layer else []
+
+    def value(self, logits, store):
+        if self.layer is None:
+            return logits[:, self.target].sum()
+        plane = store[self.layer].select(self.channel_axis, self.channel)
+        return plane.mean() if self.position is None else plane[:, self.position[0], self.position[1]].sum()
+
+
+def gaussian_blur(x, sigma: float):
+    """Separable Gaussian blur of a (1, C, H, W) tensor (reflect padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    radius = max(1, int(np.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+
+
+def total_variation(x, beta: float = 2.0):
+    """TV^beta regulariser of Mahendran & Vedaldi (2015), mean over pixels."""
+    dh = x[:, :, 1:, :-1] - x[:, :, :-1, :-1]
+    dw = x[:, :, :-1, 1:] - x[:, :, :-1, :-1]
+    return ((dh ** 2 + dw ** 2) ** (beta / 2)).mean()
+
+
+def preview(space: InputSpace, x) -> bytes:
+    return render.png(space.pixels(x))
+
+
+class Reporter:
+    """Calls ``progress(step, total, stage, loss, preview_png)``; previews every ``every`` steps."""
+
+    def __init__(self, progress, space: InputSpace, total: int, every: int, stage: str):
+        self.progress, self.space, self.total, self.every, self.stage = progress, space, total, every, stage
+
+    def __call__(self, step: int, loss: float, x) -> None:
+        if self.progress is None:
+            return
+        image = preview(self.space, x) if self.every and (step % self.every == 0 or step == self.total) else b""
+        self.progress(step, self.total, self.stage, float(loss), image)
