@@ -13,7 +13,7 @@ from convscope.errors import from_rpc_error
 from convscope.images import to_image_message
 from convscope.tensors import from_tensor as _from_tensor
 from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, inspect_pb2, inspect_pb2_grpc, model_pb2,
-                          model_pb2_grpc)
+                          model_pb2_grpc, synthesis_pb2, synthesis_pb2_grpc)
 
 DEFAULT_TARGET = os.environ.get("CONVSCOPE_SERVER", "localhost:50051")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -160,6 +160,36 @@ class SanityReport:
     png: bytes
 
 
+@dataclass(frozen=True)
+class Synthesized:
+    image: np.ndarray          # a model-input sample (model layout): feed it back to any call unchanged
+    png: bytes
+    losses: list[float]        # the objective at each step
+    frames: list[bytes]        # previews, when frames=True (for an animation)
+    layer: str = ""            # inversion: the layer inverted
+
+
+@dataclass(frozen=True)
+class AdversarialExample:
+    image: np.ndarray
+    png: bytes
+    before: list[ClassScore]   # the served model's top 5 on the original
+    after: list[ClassScore]    # ... and on the adversarial image
+    perturbation: np.ndarray   # adversarial - original, model-input space
+    perturbation_png: bytes    # amplified, grey = 0
+    linf_pixels: float         # largest pixel change, [0, 1] units
+    steps_taken: int
+    history: list[float]       # targeted: p(target) per step
+    frames: list[bytes]
+
+
+@dataclass(frozen=True)
+class Robustness:
+    epsilons: list[float]
+    accuracy: list[float]
+    png: bytes
+
+
 _BASELINES = {"constant": 0, "mean": 1, "blur": 2}
 _SALIENCY = {"vanilla": attribution_pb2.SALIENCY_VANILLA, "smoothgrad": attribution_pb2.SALIENCY_SMOOTHGRAD,
              "integrated_gradients": attribution_pb2.SALIENCY_INTEGRATED_GRADIENTS}
@@ -211,6 +241,7 @@ class Client:
         self._models = model_pb2_grpc.ModelServiceStub(self._channel)
         self._inspect = inspect_pb2_grpc.InspectServiceStub(self._channel)
         self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
+        self._synthesis = synthesis_pb2_grpc.SynthesisServiceStub(self._channel)
 
     # -- plumbing -------------------------------------------------------------------------------------
     def __enter__(self) -> Client:
@@ -232,15 +263,18 @@ class Client:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def _stream(self, method, request, progress=None, timeout=None):
-        """Consume a job's event stream: progress events go to ``progress(step, total, stage)``; returns
-        the result message. Interrupting (Ctrl-C) cancels the call, which stops the work on the server."""
+    def _stream(self, method, request, progress=None, timeout=None, preview=None):
+        """Consume a job's event stream: progress events go to ``progress(step, total, stage)`` (and, for
+        optimisation jobs, ``preview(step, loss, png)``); returns the result message. Interrupting
+        (Ctrl-C) cancels the call, which stops the work on the server."""
         call = method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for event in call:
                 if event.WhichOneof("event") == "progress":
                     if progress is not None:
                         progress(event.progress.step, event.progress.total, event.progress.stage)
+                    if preview is not None:
+                        preview(event.progress.step, event.progress.loss, event.progress.preview_png)
                 else:
                     return event.result
         except grpc.RpcError as error:
@@ -424,3 +458,106 @@ class Client:
             {m.method: from_tensor(m.original_map) for m in r.methods if m.HasField("original_map")},
             {m.method: [from_tensor(t) for t in m.randomized_maps] for m in r.methods if m.randomized_maps},
             r.png)
+
+    # -- synthesis: images made by gradient steps on the input ------------------------------------------
+    @staticmethod
+    def _optimization(steps, learning_rate, seed, preview_every, frames):
+        return synthesis_pb2.Optimization(steps=steps, learning_rate=learning_rate, seed=seed,
+                                          preview_every=preview_every, frames=frames)
+
+    @staticmethod
+    def _synthesized(image) -> Synthesized:
+        return Synthesized(from_tensor(image.image), image.png, list(image.losses), list(image.frames), image.layer)
+
+    def class_visualization(self, model: str, target: int | None = None, *, layer: str = "", channel: int = 0,
+                            neuron: tuple[int, int] | None = None, steps: int = 0, learning_rate: float = 0.0,
+                            seed: int = 0, zero_start: bool = False, l2: float = 0.0, decay: float = 0.0,
+                            blur_every: int = 0, blur_sigma: float = 0.0, jitter: int = 0,
+                            clip_norm_percentile: float = 0.0, clip_contribution_percentile: float = 0.0,
+                            preview_every: int = 0, frames: bool = False, progress=None, preview=None,
+                            timeout: float | None = None) -> Synthesized:
+        """What maximises a class score (Simonyan et al.) or a layer's channel/neuron (feature
+        visualisation), with Yosinski et al.'s regularisers."""
+        request = synthesis_pb2.VisualizeRequest(
+            model=model, layer=layer, channel=channel, zero_start=zero_start, l2=l2, decay=decay,
+            blur_every=blur_every, blur_sigma=blur_sigma, jitter=jitter, clip_norm_percentile=clip_norm_percentile,
+            clip_contribution_percentile=clip_contribution_percentile,
+            optimization=self._optimization(steps, learning_rate, seed, preview_every, frames))
+        if target is not None:
+            request.target = target
+        if neuron is not None:
+            request.row, request.col = neuron
+        r = self._stream(self._synthesis.Visualize, request, progress, timeout, preview)
+        return self._synthesized(r.images[0])
+
+    def invert(self, model: str, image, layers: Sequence[str], *, tv_weight: float = 0.0, steps: int = 0,
+               learning_rate: float = 0.0, seed: int = 0, preview_every: int = 0, frames: bool = False,
+               progress=None, preview=None, timeout: float | None = None) -> list[Synthesized]:
+        """Feature inversion (Mahendran & Vedaldi) of ``image`` from each of ``layers``."""
+        request = synthesis_pb2.InvertRequest(model=model, image=to_image_message(image), layers=list(layers),
+                                              tv_weight=tv_weight, optimization=self._optimization(
+                                                  steps, learning_rate, seed, preview_every, frames))
+        r = self._stream(self._synthesis.Invert, request, progress, timeout, preview)
+        return [self._synthesized(image) for image in r.images]
+
+    def deepdream(self, model: str, image, layer: str, *, octaves: int = 0, octave_scale: float = 0.0,
+                  jitter: int = 0, steps: int = 0, learning_rate: float = 0.0, seed: int = 0, preview_every: int = 0,
+                  frames: bool = False, progress=None, preview=None, timeout: float | None = None) -> Synthesized:
+        """DeepDream: amplify what ``layer`` sees in ``image``; ``steps`` per octave."""
+        request = synthesis_pb2.DeepDreamRequest(model=model, image=to_image_message(image), layer=layer,
+                                                 octaves=octaves, octave_scale=octave_scale, jitter=jitter,
+                                                 optimization=self._optimization(steps, learning_rate, seed,
+                                                                                 preview_every, frames))
+        return self._synthesized(self._stream(self._synthesis.DeepDream, request, progress, timeout, preview).images[0])
+
+    def style_transfer(self, model: str, style, content=None, *, style_layers: Sequence[str], content_layer: str = "",
+                       style_weight: float = 0.0, content_weight: float = 0.0, tv_weight: float = 0.0,
+                       optimizer: str = "adam", height: int = 0, width: int = 0, steps: int = 0,
+                       learning_rate: float = 0.0, seed: int = 0, preview_every: int = 0, frames: bool = False,
+                       progress=None, preview=None, timeout: float | None = None) -> Synthesized:
+        """Gatys et al.: ``content`` painted in ``style``; without ``content``, texture synthesis."""
+        request = synthesis_pb2.StyleRequest(
+            model=model, style=to_image_message(style), style_layers=list(style_layers), content_layer=content_layer,
+            style_weight=style_weight, content_weight=content_weight, tv_weight=tv_weight, optimizer=optimizer,
+            height=height, width=width,
+            optimization=self._optimization(steps, learning_rate, seed, preview_every, frames))
+        if content is not None:
+            request.content.CopyFrom(to_image_message(content))
+        return self._synthesized(self._stream(self._synthesis.Style, request, progress, timeout, preview).images[0])
+
+    def adversarial(self, model: str, image, method: str = "fgsm", *, label: int | None = None,
+                    target: int | None = None, epsilon: float = 0.0, step_size: float = 0.0,
+                    stop_probability: float = 0.0, steps: int = 0, preview_every: int = 0, frames: bool = False,
+                    progress=None, preview=None, timeout: float | None = None) -> AdversarialExample:
+        """"fgsm": one signed-gradient step of ``epsilon`` ([0, 1] pixel units) away from ``label`` (default:
+        the prediction); "targeted": steps towards ``target`` until p >= ``stop_probability``."""
+        if method not in ("fgsm", "targeted"):
+            raise ValueError("method must be 'fgsm' or 'targeted'")
+        if method == "targeted" and target is None:
+            raise ValueError("targeted needs target=")
+        request = synthesis_pb2.AdversarialRequest(
+            model=model, image=to_image_message(image), epsilon=epsilon, step_size=step_size,
+            stop_probability=stop_probability, target=target or 0,
+            method=synthesis_pb2.ADVERSARIAL_TARGETED if method == "targeted" else synthesis_pb2.ADVERSARIAL_FGSM,
+            optimization=self._optimization(steps, 0.0, 0, preview_every, frames))
+        if label is not None:
+            request.label = label
+        r = self._stream(self._synthesis.Adversarial, request, progress, timeout, preview)
+        image = r.images[0]
+
+        def scores(items):
+            return [ClassScore(s.index, s.label, s.probability, s.logit) for s in items]
+
+        return AdversarialExample(from_tensor(image.image), image.png, scores(r.before), scores(r.after),
+                                  from_tensor(r.perturbation), r.perturbation_png, r.linf_pixels, r.steps_taken,
+                                  list(image.losses), list(image.frames))
+
+    def robustness(self, model: str, images, labels: Sequence[int] = (), epsilons: Sequence[float] = (), *,
+                   batch_size: int = 0, render: bool = False, progress=None,
+                   timeout: float | None = None) -> Robustness:
+        """Top-1 accuracy under FGSM at each epsilon ([0, 1] pixel units) over ``images``."""
+        request = synthesis_pb2.RobustnessRequest(model=model, images=[to_image_message(i) for i in images],
+                                                  labels=list(labels), epsilons=list(epsilons),
+                                                  batch_size=batch_size, render=render)
+        r = self._stream(self._synthesis.Robustness, request, progress, timeout)
+        return Robustness(list(r.epsilons), list(r.accuracy), r.png)

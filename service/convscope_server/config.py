@@ -18,6 +18,8 @@ class ServerConfig:
     max_batch: int = 64                    # images per request
     max_image_pixels: int = 40_000_000     # per decoded image (guards against decompression bombs)
     max_forward_passes: int = 20_000       # per request (occlusion windows, Score-CAM channels, ...)
+    max_steps: int = 2_000                 # per optimisation job
+    max_synthesis_pixels: int = 1_048_576  # size of a synthesised image (style transfer takes any size)
     ort_batch: int = 16                    # images per onnxruntime run on dynamic-batch models
     ort_threads: int = 0                   # intra-op threads per session; 0 lets onnxruntime choose
     device: str = "auto"                   # "auto" (CUDA when onnxruntime has it) or "cpu"
@@ -40,7 +42,9 @@ def add_arguments(parser) -> None:
         "max_message_bytes": "largest gRPC message sent or received",
         "token": "require 'authorization: Bearer TOKEN' on every call but health checks",
         "max_batch": "most images in one request",
-        "max_forward_passes": "most forward passes one request may cost", "max_image_pixels": "most pixels in one decoded image",
+        "max_forward_passes": "most forward passes one request may cost",
+        "max_steps": "most optimisation steps per synthesis job",
+        "max_synthesis_pixels": "largest synthesised image (height x width)", "max_image_pixels": "most pixels in one decoded image",
         "ort_batch": "images per onnxruntime run", "ort_threads": "intra-op threads per session (0: auto)",
         "device": "auto (CUDA when available) or cpu", "grace_seconds": "grace period on SIGTERM",
     }

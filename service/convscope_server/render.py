@@ -99,3 +99,34 @@ def display_image(x: np.ndarray, config) -> np.ndarray:
         pixels = pixels[..., ::-1]
     pixels = pixels.clip(0, 255).round().astype(np.uint8)
     return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+
+
+def line_plot(xs, ys, x_label: str, y_label: str, size: tuple[int, int] = (480, 320)) -> np.ndarray:
+    """A small line chart (y in [0, 1]) as uint8 RGB, drawn with Pillow."""
+    from PIL import ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 56, 16, 16, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    x_max = max(xs) or 1.0
+
+    def point(x, y):
+        return (left + (width - left - right) * x / x_max, height - bottom - (height - top - bottom) * y)
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        _, y = point(0, tick)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((8, y - 6), f"{tick:.2f}", fill="black")
+    for x in xs:
+        px, _ = point(x, 0)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
+        draw.text((px - 12, height - bottom + 6), f"{x * 255:.0f}", fill="black")
+    draw.text((width // 2 - 60, height - 16), x_label, fill="black")
+    draw.text((left + 6, top + 4), y_label, fill="black")
+    points = [point(x, y) for x, y in zip(xs, ys)]
+    draw.line(points, fill=(200, 40, 40), width=2)
+    for px, py in points:
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(200, 40, 40))
+    return np.asarray(image)

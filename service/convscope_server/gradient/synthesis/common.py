@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convscope_server import render
-
 
 @dataclass
 class InputSpace:
@@ -121,20 +119,3 @@ def total_variation(x, beta: float = 2.0):
     dh = x[:, :, 1:, :-1] - x[:, :, :-1, :-1]
     dw = x[:, :, :-1, 1:] - x[:, :, :-1, :-1]
     return ((dh ** 2 + dw ** 2) ** (beta / 2)).mean()
-
-
-def preview(space: InputSpace, x) -> bytes:
-    return render.png(space.pixels(x))
-
-
-class Reporter:
-    """Calls ``progress(step, total, stage, loss, preview_png)``; previews every ``every`` steps."""
-
-    def __init__(self, progress, space: InputSpace, total: int, every: int, stage: str):
-        self.progress, self.space, self.total, self.every, self.stage = progress, space, total, every, stage
-
-    def __call__(self, step: int, loss: float, x) -> None:
-        if self.progress is None:
-            return
-        image = preview(self.space, x) if self.every and (step % self.every == 0 or step == self.total) else b""
-        self.progress(step, self.total, self.stage, float(loss), image)

@@ -39,8 +39,8 @@ def deepdream(torch_model, space, x0, layer: str, octaves: int, octave_scale: fl
                 x = x + lr * grad / (grad.abs().mean() + 1e-12)
                 x = torch.maximum(torch.minimum(x, high), low)
             done += 1
-            losses.append(float(value))
+            losses.append(float(value.detach()))
             if report is not None:
-                report(done, float(value), x)
+                report(done, losses[-1], x)
         detail = x - base
     return x.detach(), losses

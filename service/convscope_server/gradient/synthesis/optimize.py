@@ -65,7 +65,7 @@ def ascend(torch_model, space, objective, x, steps: int, lr: float, reg: Regular
                 contribution = (x * grad).abs().sum(dim=1, keepdim=True)
                 x = x * _percentile_mask(contribution, reg.clip_contribution_percentile)
             x = torch.maximum(torch.minimum(x, high), low)
-        losses.append(float(value))
+        losses.append(float(value.detach()))
         if report is not None:
-            report(step, float(value), x)
+            report(step, losses[-1], x)
     return x, losses

@@ -1,0 +1,321 @@
+"""SynthesisService: class/feature visualisation, inversion, DeepDream, style, adversarial examples."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from convscope.v1 import model_pb2, synthesis_pb2, synthesis_pb2_grpc, tensor_pb2
+from convscope_server import render
+from convscope_server.api.common import positive, single_input
+from convscope_server.api.model_service import model_inputs, require_model
+from convscope_server.api.streaming import stream_job
+from convscope_server.errors import InvalidArgument, ResourceExhausted
+from convscope_server.forward.backend import OrtBackend, softmax
+from convscope_server.gradient import adversarial
+from convscope_server.gradient.synthesis import deepdream, inversion, optimize, style
+from convscope_server.gradient.synthesis.common import InputSpace, Objective
+from convscope_server.images import to_model_input
+from convscope_server.tensors import to_tensor
+
+DEFAULT_EPSILONS = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
+
+
+class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
+    def __init__(self, repository, bridges, limits):
+        self.repository = repository
+        self.bridges = bridges
+        self.limits = limits
+
+    # -- shared ---------------------------------------------------------------------------------------
+    def _setup(self, request):
+        model = require_model(self.repository, request.model)
+        return model, self.bridges.get(model), InputSpace.of(model.config)
+
+    def _options(self, options, steps: int, lr: float):
+        steps = positive(options.steps, steps, "optimization.steps")
+        if steps > self.limits.max_steps:
+            raise ResourceExhausted(f"optimization.steps: {steps} is over the limit of {self.limits.max_steps}")
+        if options.learning_rate < 0:
+            raise InvalidArgument("optimization.learning_rate", f"must be positive, got {options.learning_rate}")
+        if options.preview_every < 0:
+            raise InvalidArgument("optimization.preview_every", f"must be >= 0, got {options.preview_every}")
+        return steps, options.learning_rate or lr, options.seed
+
+    def _size(self, height: int, width: int, field: str) -> None:
+        if height * width > self.limits.max_synthesis_pixels:
+            raise ResourceExhausted(f"{field}: {height}x{width} is over the limit of "
+                                    f"{self.limits.max_synthesis_pixels} pixels")
+
+    def _layer(self, model, name: str, field: str, spatial: bool = True):
+        layer = model.layer(name, field)
+        if spatial and (layer.spatial is None or len(layer.shape) != 4):
+            raise InvalidArgument(field, f"{layer.name!r} is not a spatial (N, C, H, W) tensor")
+        return layer
+
+    def _stream(self, context, work, space, options):
+        """Run ``work(reporter_factory, should_stop)`` and yield SynthesisEvents."""
+        frames: list[bytes] = []
+
+        def run(progress, should_stop):
+            def reporter(total, stage):
+                every = options.preview_every or (max(1, total // 20) if options.frames else 0)
+
+                def report(step, loss, x):
+                    image = render.png(space.pixels(x)) if every and (step % every == 0 or step == total) else b""
+                    if image and options.frames:
+                        frames.append(image)
+                    progress(step, total, stage, loss, image if options.preview_every else b"")
+                return report
+            return work(reporter, should_stop)
+
+        for kind, value in stream_job(context, run):
+            if kind == "progress":
+                step, total, stage, loss, image = value
+                yield synthesis_pb2.SynthesisEvent(progress=tensor_pb2.Progress(
+                    step=step, total=total, stage=stage, loss=loss, preview_png=image))
+            elif value is not None:
+                for image in value.images:
+                    image.frames.extend(frames)
+                yield synthesis_pb2.SynthesisEvent(result=value)
+
+    @staticmethod
+    def _image(space, x, losses, layer: str = "") -> synthesis_pb2.SynthesisImage:
+        image = synthesis_pb2.SynthesisImage(layer=layer, png=render.png(space.pixels(x)), losses=losses)
+        to_tensor(space.to_sample(x), out=image.image)
+        return image
+
+    # -- techniques -----------------------------------------------------------------------------------
+    def Visualize(self, request, context):
+        model, torch_model, space = self._setup(request)
+        steps, lr, seed = self._options(request.optimization, 200, 0.05)
+        objective = Objective()
+        if request.layer:
+            layer = self._layer(model, request.layer, "layer")
+            channel_axis = 3 if layer.layout == "NHWC" else 1
+            channels = layer.shape[channel_axis]
+            if channels > 0 and not 0 <= request.channel < channels:
+                raise InvalidArgument("channel", f"{request.channel} is outside {layer.name!r}'s channels "
+                                      f"0..{channels - 1}")
+            position = None
+            if request.HasField("row") or request.HasField("col"):
+                if not (request.HasField("row") and request.HasField("col")):
+                    raise InvalidArgument("row", "give both row and col, or neither")
+                position = (int(request.row), int(request.col))
+            objective = Objective(layer=layer.name, channel=int(request.channel), position=position,
+                                  channel_axis=channel_axis)
+        else:
+            if not request.HasField("target"):
+                raise InvalidArgument("target", "required: a class to visualise (or name a layer)")
+            if not 0 <= request.target < model.num_classes:
+                raise InvalidArgument("target", f"{request.target} is outside the model's classes "
+                                      f"0..{model.num_classes - 1}")
+            objective = Objective(target=int(request.target))
+        for field in ("clip_norm_percentile", "clip_contribution_percentile"):
+            if not 0 <= getattr(request, field) < 100:
+                raise InvalidArgument(field, f"must be in [0, 100), got {getattr(request, field)}")
+        if request.blur_every < 0 or request.jitter < 0:
+            raise InvalidArgument("blur_every" if request.blur_every < 0 else "jitter", "must be >= 0")
+        reg = optimize.Regularizers(l2=request.l2, decay=request.decay, blur_every=request.blur_every,
+                                    blur_sigma=request.blur_sigma or 0.5, jitter=request.jitter,
+                                    clip_norm_percentile=request.clip_norm_percentile,
+                                    clip_contribution_percentile=request.clip_contribution_percentile)
+        height, width = model.config.height, model.config.width
+
+        def work(reporter, should_stop):
+            import torch
+
+            start = (space.from_pixels01(torch.full((1, model.config.channels, height, width), 0.5))
+                     if request.zero_start else space.random(height, width, seed))
+            done = optimize.ascend(torch_model, space, objective, start, steps, lr, reg, seed,
+                                   reporter(steps, "ascending"), should_stop)
+            return None if done is None else synthesis_pb2.SynthesisResult(images=[self._image(space, *done)])
+
+        yield from self._stream(context, work, space, request.optimization)
+
+    def Invert(self, request, context):
+        model, torch_model, space = self._setup(request)
+        steps, lr, seed = self._options(request.optimization, 200, 0.05)
+        if not request.layers:
+            raise InvalidArgument("layers", "name at least one layer to invert")
+        layers = [self._layer(model, name, f"layers[{i}]", spatial=False) for i, name in enumerate(request.layers)]
+        if request.tv_weight < 0:
+            raise InvalidArgument("tv_weight", f"must be >= 0, got {request.tv_weight}")
+        tv = request.tv_weight or 0.05
+        x0 = space.from_sample(single_input(model, request, self.limits))
+
+        def work(reporter, should_stop):
+            images = []
+            for layer in layers:
+                done = inversion.invert(torch_model, space, x0, layer.name, steps, lr, tv, seed,
+                                        reporter(steps, f"inverting {layer.name}"), should_stop)
+                if done is None:
+                    return None
+                images.append(self._image(space, *done, layer=layer.name))
+            return synthesis_pb2.SynthesisResult(images=images)
+
+        yield from self._stream(context, work, space, request.optimization)
+
+    def DeepDream(self, request, context):
+        model, torch_model, space = self._setup(request)
+        steps, lr, seed = self._options(request.optimization, 10, 0.02)
+        layer = self._layer(model, request.layer, "layer") if request.layer else None
+        if layer is None:
+            raise InvalidArgument("layer", "required: the layer whose activations to amplify")
+        octaves = positive(request.octaves, 3, "octaves")
+        if octaves > 8:
+            raise InvalidArgument("octaves", f"{octaves} is more than 8")
+        scale = request.octave_scale or 1.4
+        if not 1 < scale <= 4:
+            raise InvalidArgument("octave_scale", f"must be in (1, 4], got {scale}")
+        if steps * octaves > self.limits.max_steps:
+            raise ResourceExhausted(f"optimization.steps: {steps} x {octaves} octaves is over the limit of "
+                                    f"{self.limits.max_steps}")
+        jitter = positive(request.jitter, 8, "jitter")
+        x0 = space.from_sample(single_input(model, request, self.limits))
+
+        def work(reporter, should_stop):
+            done = deepdream.deepdream(torch_model, space, x0, layer.name, octaves, scale, steps, lr, jitter, seed,
+                                       reporter(steps * octaves, "dreaming"), should_stop)
+            return None if done is None else synthesis_pb2.SynthesisResult(images=[self._image(space, *done)])
+
+        yield from self._stream(context, work, space, request.optimization)
+
+    def Style(self, request, context):
+        model, torch_model, space = self._setup(request)
+        adam = request.optimizer in ("", "adam")
+        if not adam and request.optimizer != "lbfgs":
+            raise InvalidArgument("optimizer", f"must be 'adam' or 'lbfgs', got {request.optimizer!r}")
+        steps, lr, seed = self._options(request.optimization, 300 if adam else 100, 0.05 if adam else 1.0)
+        if not request.HasField("style"):
+            raise InvalidArgument("style", "required")
+        style_layers = [self._layer(model, n, f"style_layers[{i}]").name for i, n in enumerate(request.style_layers)]
+        if not style_layers:
+            raise InvalidArgument("style_layers", "name at least one layer (early to middle activations work best)")
+        content_layer = None
+        if request.HasField("content"):
+            if not request.content_layer:
+                raise InvalidArgument("content_layer", "required with a content image")
+            content_layer = self._layer(model, request.content_layer, "content_layer").name
+        if request.height < 0 or request.width < 0:
+            raise InvalidArgument("height" if request.height < 0 else "width", "must be positive")
+        height = request.height or model.config.height
+        width = request.width or model.config.width
+        self._size(height, width, "height")
+        config = dataclasses.replace(model.config, height=height, width=width)
+        for field, value in (("style_weight", request.style_weight), ("content_weight", request.content_weight),
+                             ("tv_weight", request.tv_weight)):
+            if value < 0:
+                raise InvalidArgument(field, f"must be >= 0, got {value}")
+        pixels = self.limits.max_image_pixels
+        style_x = space.from_sample(to_model_input(request.style, config, "style", pixels))
+        content_x = (space.from_sample(to_model_input(request.content, config, "content", pixels))
+                     if request.HasField("content") else None)
+
+        def work(reporter, should_stop):
+            start = content_x if content_x is not None else space.random(height, width, seed, 0.2)
+            try:
+                done = style.stylize(torch_model, space, style_x, content_x, style_layers, content_layer, steps, lr,
+                                     request.style_weight or 1e6, request.content_weight or 1.0,
+                                     request.tv_weight or 1e-3, "adam" if adam else "lbfgs", start,
+                                     reporter(steps, "styling"), should_stop)
+            except RuntimeError as error:
+                raise InvalidArgument("height", f"the model cannot run at {height}x{width}: {error}") from None
+            return None if done is None else synthesis_pb2.SynthesisResult(images=[self._image(space, *done)])
+
+        yield from self._stream(context, work, space, request.optimization)
+
+    def Adversarial(self, request, context):
+        import torch
+
+        model, torch_model, space = self._setup(request)
+        sample = single_input(model, request, self.limits)
+        backend = OrtBackend(model, self.limits.ort_batch)
+        x = space.from_sample(sample)
+        before = backend.logits(sample[None])[0]
+        targeted = request.method == synthesis_pb2.ADVERSARIAL_TARGETED
+        if request.method not in (synthesis_pb2.ADVERSARIAL_FGSM, synthesis_pb2.ADVERSARIAL_TARGETED):
+            raise InvalidArgument("method", f"unknown method {request.method}")
+        epsilon = request.epsilon or (16 / 255 if targeted else 2 / 255)
+        if not 0 < epsilon <= 1:
+            raise InvalidArgument("epsilon", f"must be in (0, 1] pixel units, got {request.epsilon}")
+        field, cls = ("target", request.target) if targeted else ("label", request.label if request.HasField(
+            "label") else int(np.argmax(before)))
+        if not 0 <= cls < model.num_classes:
+            raise InvalidArgument(field, f"{cls} is outside the model's classes 0..{model.num_classes - 1}")
+        steps, _, _ = self._options(request.optimization, 100, 0.0)
+        step_size = request.step_size or 1 / 255
+        if not 0 < step_size <= 1:
+            raise InvalidArgument("step_size", f"must be in (0, 1] pixel units, got {request.step_size}")
+        stop = request.stop_probability or 0.9
+        if not 0 < stop <= 1:
+            raise InvalidArgument("stop_probability", f"must be in (0, 1], got {request.stop_probability}")
+
+        def scores(logits):
+            probabilities = softmax(logits)
+            return [model_pb2.ClassScore(index=int(i), label=model.label(int(i)), probability=float(probabilities[i]),
+                                         logit=float(logits[i])) for i in np.argsort(-probabilities)[:5]]
+
+        def work(reporter, should_stop):
+            if targeted:
+                done = adversarial.targeted(torch_model, space, x, int(cls), step_size, epsilon, steps, stop,
+                                            reporter(steps, f"towards {model.label(int(cls))}"), should_stop)
+                if done is None:
+                    return None
+                result_x, history = done
+            else:
+                result_x, history = adversarial.fgsm(torch_model, space, x, torch.tensor([int(cls)]), epsilon), []
+            adversarial_sample = space.to_sample(result_x)
+            after = backend.logits(adversarial_sample[None])[0]  # what the served onnxruntime model says
+            result = synthesis_pb2.SynthesisResult(images=[self._image(space, result_x, history)],
+                                                   before=scores(before), after=scores(after),
+                                                   steps_taken=max(0, len(history) - 1) if targeted else 1)
+            delta = (result_x - x)
+            pixels = (delta / space.per_pixel_unit()).detach()
+            result.linf_pixels = float(pixels.abs().max())
+            to_tensor(space.to_sample(delta), out=result.perturbation)
+            shown = pixels[0].numpy().transpose(1, 2, 0)
+            top = float(np.abs(shown).max()) or 1.0
+            result.perturbation_png = render.png(((shown / (2 * top) + 0.5) * 255).clip(0, 255).astype(np.uint8)
+                                                 if shown.shape[2] == 3 else
+                                                 ((shown[..., 0] / (2 * top) + 0.5) * 255).astype(np.uint8))
+            return result
+
+        yield from self._stream(context, work, space, request.optimization)
+
+    def Robustness(self, request, context):
+        import torch
+
+        model, torch_model, space = self._setup(request)
+        batch = model_inputs(model, request.images, self.limits)
+        epsilons = list(request.epsilons) or list(DEFAULT_EPSILONS)
+        if any(not 0 <= e <= 1 for e in epsilons):
+            raise InvalidArgument("epsilons", "each must be in [0, 1] pixel units")
+        if request.labels and len(request.labels) != len(batch):
+            raise InvalidArgument("labels", f"{len(request.labels)} labels for {len(batch)} images")
+        labels = (np.asarray(request.labels) if request.labels else
+                  OrtBackend(model, self.limits.ort_batch).logits(batch).argmax(axis=1))
+        if ((labels < 0) | (labels >= model.num_classes)).any():
+            raise InvalidArgument("labels", f"outside the model's classes 0..{model.num_classes - 1}")
+        chunk = positive(request.batch_size, 8, "batch_size")
+        if chunk > self.limits.max_batch:
+            raise ResourceExhausted(f"batch_size: {chunk} is over the limit of {self.limits.max_batch}")
+        if model.fixed_batch:
+            chunk = model.fixed_batch
+        xs = torch.cat([space.from_sample(sample) for sample in batch])
+        ys = torch.from_numpy(labels.astype(np.int64))
+
+        def work(progress, should_stop):
+            return adversarial.robustness_curve(torch_model, space, xs, ys, epsilons, chunk, progress, should_stop)
+
+        for kind, value in stream_job(context, work):
+            if kind == "progress":
+                yield synthesis_pb2.RobustnessEvent(progress=tensor_pb2.Progress(
+                    step=value[0], total=value[1], stage=value[2]))
+            elif value is not None:
+                result = synthesis_pb2.RobustnessResult(epsilons=epsilons, accuracy=value.tolist())
+                if request.render:
+                    result.png = render.png(render.line_plot(epsilons, value.tolist(), "epsilon (x 1/255)",
+                                                             "top-1 accuracy under FGSM"))
+                yield synthesis_pb2.RobustnessEvent(result=result)
