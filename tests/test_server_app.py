@@ -144,3 +144,26 @@ def test_cli_picture_commands_write_pngs_and_a_page(server, tmp_path, chelsea):
             assert Image.open(out / png).size[0] > 8
         if name == "occlusion":
             assert "Egyptian cat" in result.stdout and "occluding" in result.stderr  # the progress bar
+
+
+def test_cli_synthesis_commands_write_pictures_gifs_and_a_page(server, tmp_path, chelsea):
+    image = tmp_path / "chelsea.png"
+    image.write_bytes(png_bytes(chelsea))
+    runs = {
+        "classvis": ["classvis", "tiny", "--target", "3", "--steps", "10"],
+        "invert": ["invert", "tiny", str(image), "--layer", "/conv1/Conv_output_0", "--layer", "/Add_output_0",
+                   "--steps", "10"],
+        "deepdream": ["deepdream", "tiny", str(image), "--layer", "/conv3/Conv_output_0", "--steps", "4"],
+        "style": ["style", "tiny", "--style", str(image), "--style-layer", "/conv1/Conv_output_0", "--steps", "5"],
+        "adversarial": ["adversarial", "tiny", str(image), "--target", "2", "--steps", "20"],
+    }
+    for name, args in runs.items():
+        out = tmp_path / name
+        result = subprocess.run([str(BIN / "convscope"), "--server", server.address, *args, "--out", str(out)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (name, result.stderr)
+        page = (out / "index.html").read_text()
+        pictures = sorted(p.name for p in out.iterdir() if p.suffix in (".png", ".gif"))
+        assert pictures and all(p in page for p in pictures), name
+        if name in ("classvis", "invert"):
+            assert any(p.endswith(".gif") for p in pictures) and Image.open(next(out.glob("*.gif"))).n_frames > 1

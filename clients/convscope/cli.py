@@ -11,6 +11,11 @@
     convscope guided efficientnet_lite0 cat.jpg [--layer L --channel C] --out out/
     convscope deconvnet efficientnet_lite0 cat.jpg --out out/
     convscope cam efficientnet_lite0 cat.jpg --layer /Clip_1_output_0 --method gradcam++ --out out/
+    convscope classvis efficientnet_lite0 --target 130 --out out/          (or --layer L --channel C)
+    convscope invert efficientnet_lite0 cat.jpg --layer L1 --layer L2 --out out/
+    convscope deepdream efficientnet_lite0 cat.jpg --layer /_blocks.5/Clip_1_output_0 --out out/
+    convscope style efficientnet_lite0 --style starry.jpg --content cat.jpg --style-layer L ... --out out/
+    convscope adversarial efficientnet_lite0 cat.jpg [--target 967] --out out/
 
 Commands with --out write PNGs and an index.html that shows them; long jobs show a progress bar.
 """
@@ -285,6 +290,83 @@ def cmd_cam(client: Client, args) -> int:
         args.method, picture=args.method == "guided_gradcam")
 
 
+def gif(frames: list[bytes]) -> bytes:
+    """PNG frames -> an animated GIF (the optimisation as it went)."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(f)).convert("RGB") for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=120, loop=0)
+    return buffer.getvalue()
+
+
+def _synthesis_page(args, title: str, results, caption) -> int:
+    page = Page(args.out, title)
+    for k, r in enumerate(results):
+        name = _safe(r.layer) if getattr(r, "layer", "") else str(k)
+        page.image(f"{args.command}_{name}.png", r.png, caption(r))
+        if r.frames:
+            page.image(f"{args.command}_{name}.gif", gif(r.frames), "the optimisation, step by step")
+        print(f"{caption(r)}: objective {r.losses[0]:.4g} -> {r.losses[-1]:.4g} in {len(r.losses)} steps")
+    page.write()
+    return 0
+
+
+def _optimization(args) -> dict:
+    return {"steps": args.steps, "learning_rate": args.lr, "seed": args.seed, "frames": True}
+
+
+def cmd_classvis(client: Client, args) -> int:
+    if args.layer is None and args.target is None:
+        raise SystemExit("convscope classvis: give --target CLASS or --layer LAYER")
+    r = with_progress("classvis", lambda bar: client.class_visualization(
+        args.model, args.target, layer=args.layer or "", channel=args.channel, jitter=args.jitter,
+        blur_every=args.blur_every, decay=args.decay, l2=args.l2, progress=bar, **_optimization(args)))
+    what = f"channel {args.channel} of {args.layer}" if args.layer else f"class {args.target}"
+    return _synthesis_page(args, f"What maximises {what} in {args.model}", [r], lambda _: what)
+
+
+def cmd_invert(client: Client, args) -> int:
+    results = with_progress("invert", lambda bar: client.invert(
+        args.model, args.image, args.layer, tv_weight=args.tv_weight, progress=bar, **_optimization(args)))
+    return _synthesis_page(args, f"{args.image} reconstructed from {args.model}'s codes", results,
+                           lambda r: f"from {r.layer}")
+
+
+def cmd_deepdream(client: Client, args) -> int:
+    r = with_progress("deepdream", lambda bar: client.deepdream(
+        args.model, args.image, args.layer, octaves=args.octaves, progress=bar, **_optimization(args)))
+    return _synthesis_page(args, f"DeepDream of {args.image} at {args.layer}", [r], lambda _: args.layer)
+
+
+def cmd_style(client: Client, args) -> int:
+    r = with_progress("style", lambda bar: client.style_transfer(
+        args.model, args.style, args.content, style_layers=args.style_layer, content_layer=args.content_layer or "",
+        optimizer=args.optimizer, height=args.height, width=args.width, progress=bar, **_optimization(args)))
+    what = f"{args.content} in the style of {args.style}" if args.content else f"texture from {args.style}"
+    return _synthesis_page(args, what, [r], lambda _: what)
+
+
+def cmd_adversarial(client: Client, args) -> int:
+    page = Page(args.out, f"Adversarial examples for {args.model}")
+    for path in args.images:
+        r = with_progress(Path(path).name, lambda bar: client.adversarial(
+            args.model, path, "targeted" if args.target is not None else "fgsm", target=args.target,
+            epsilon=args.epsilon, steps=args.steps, progress=bar, frames=args.target is not None))
+        stem = _safe(Path(path).stem)
+        verdict = (f"{path}: {r.before[0].label} ({r.before[0].probability:.2f}) -> {r.after[0].label} "
+                   f"({r.after[0].probability:.2f}), largest pixel change {r.linf_pixels * 255:.1f}/255")
+        print(verdict)
+        page.image(f"adversarial_{stem}.png", r.png, verdict)
+        page.image(f"adversarial_{stem}_perturbation.png", r.perturbation_png, "the perturbation, amplified")
+        if r.frames:
+            page.image(f"adversarial_{stem}.gif", gif(r.frames), "step by step")
+    page.write()
+    return 0
+
+
 def image_command(commands, name: str, help: str, run, target: bool = True):
     """A picture-making subcommand over MODEL IMAGE...: with --target (when it has one) and --out."""
     sub = commands.add_parser(name, help=help)
@@ -364,6 +446,49 @@ def build_parser() -> argparse.ArgumentParser:
                         cmd_cam)
     cam.add_argument("--layer", default=None, help="a spatial tensor (CAM: may be left out)")
     cam.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "cam", "guided_gradcam"])
+
+    def synthesis_command(name, help, run, image=True):
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("model")
+        if image:
+            sub.add_argument("image")
+        sub.add_argument("--steps", type=int, default=0, help="optimisation steps (default per technique)")
+        sub.add_argument("--lr", type=float, default=0.0, help="learning rate (default per technique)")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
+        sub.set_defaults(run=run)
+        return sub
+
+    classvis = synthesis_command("classvis", "class or feature visualisation by gradient ascent", cmd_classvis,
+                                 image=False)
+    classvis.add_argument("--target", type=int, default=None, help="a class to visualise")
+    classvis.add_argument("--layer", default=None, help="or a layer's channel")
+    classvis.add_argument("--channel", type=int, default=0)
+    classvis.add_argument("--jitter", type=int, default=4)
+    classvis.add_argument("--blur-every", type=int, default=4)
+    classvis.add_argument("--decay", type=float, default=0.001)
+    classvis.add_argument("--l2", type=float, default=0.0)
+
+    invert = synthesis_command("invert", "reconstruct an image from its code at layers", cmd_invert)
+    invert.add_argument("--layer", action="append", required=True, help="repeatable: one picture per layer")
+    invert.add_argument("--tv-weight", type=float, default=0.0)
+
+    deepdream = synthesis_command("deepdream", "amplify what a layer sees", cmd_deepdream)
+    deepdream.add_argument("--layer", required=True)
+    deepdream.add_argument("--octaves", type=int, default=0)
+
+    style = synthesis_command("style", "style transfer or texture synthesis (Gatys et al.)", cmd_style, image=False)
+    style.add_argument("--style", required=True, help="the style (or texture) image")
+    style.add_argument("--content", default=None, help="the content image (leave out for a texture)")
+    style.add_argument("--style-layer", action="append", required=True, help="repeatable")
+    style.add_argument("--content-layer", default=None)
+    style.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"])
+    style.add_argument("--height", type=int, default=0)
+    style.add_argument("--width", type=int, default=0)
+
+    adv = image_command(commands, "adversarial", "FGSM, or targeted fooling with --target", cmd_adversarial)
+    adv.add_argument("--epsilon", type=float, default=0.0, help="L-inf size in [0, 1] pixel units")
+    adv.add_argument("--steps", type=int, default=0, help="targeted: most steps (default 100)")
     return parser
 
 

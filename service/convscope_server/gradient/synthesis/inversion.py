@@ -34,7 +34,7 @@ def invert(torch_model, space, x0, layer: str, steps: int, lr: float, tv_weight:
         optimizer.step()
         with torch.no_grad():
             x.copy_(torch.maximum(torch.minimum(x, high), low))
-        losses.append(float(reconstruction))
+        losses.append(float(reconstruction.detach()))
         if report is not None:
-            report(step, float(reconstruction), x)
+            report(step, losses[-1], x)
     return x.detach(), losses
