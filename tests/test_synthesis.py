@@ -165,3 +165,14 @@ def test_cancelling_a_synthesis_job_stops_it(client):
     while any(t.name == "convscope-job" for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(t.name == "convscope-job" for t in threading.enumerate())
+
+
+def test_job_wall_time_limit(repository):
+    quick = start(repository, max_job_seconds=1.0)
+    try:
+        with Client(quick.address, timeout=60) as c:
+            with pytest.raises(ResourceExhausted, match="ran past the server's limit of 1 s"):
+                c.class_visualization(MODEL, 1, steps=2000)
+            assert c.predict(MODEL, np.zeros((3, 224, 224), np.float32), top=1)  # still serving
+    finally:
+        quick.stop(0)

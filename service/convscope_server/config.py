@@ -19,6 +19,7 @@ class ServerConfig:
     max_image_pixels: int = 40_000_000     # per decoded image (guards against decompression bombs)
     max_forward_passes: int = 20_000       # per request (occlusion windows, Score-CAM channels, ...)
     max_steps: int = 2_000                 # per optimisation job
+    max_job_seconds: float = 600.0         # wall time of one streamed job before it is stopped
     max_synthesis_pixels: int = 1_048_576  # size of a synthesised image (style transfer takes any size)
     ort_batch: int = 16                    # images per onnxruntime run on dynamic-batch models
     ort_threads: int = 0                   # intra-op threads per session; 0 lets onnxruntime choose
@@ -44,6 +45,7 @@ def add_arguments(parser) -> None:
         "max_batch": "most images in one request",
         "max_forward_passes": "most forward passes one request may cost",
         "max_steps": "most optimisation steps per synthesis job",
+        "max_job_seconds": "wall time one streamed job may take",
         "max_synthesis_pixels": "largest synthesised image (height x width)", "max_image_pixels": "most pixels in one decoded image",
         "ort_batch": "images per onnxruntime run", "ort_threads": "intra-op threads per session (0: auto)",
         "device": "auto (CUDA when available) or cpu", "grace_seconds": "grace period on SIGTERM",

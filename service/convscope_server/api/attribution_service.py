@@ -77,7 +77,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             return attribution.integrated_gradients(torch_model, sample, target, baseline, passes, chunk,
                                                     should_stop, progress)
 
-        for kind, value in stream_job(context, work):
+        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
             if kind == "progress":
                 yield attribution_pb2.AttributionEvent(progress=tensor_pb2.Progress(
                     step=value[0], total=value[1], stage="backward"))
@@ -217,7 +217,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             return sanity.cascading_randomization(torch_model, model.proto, maps, request.layers, request.seed,
                                                   progress, should_stop, keep)
 
-        for kind, value in stream_job(context, work):
+        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
             if kind == "progress":
                 yield attribution_pb2.SanityCheckEvent(progress=tensor_pb2.Progress(
                     step=value[0], total=value[1], stage="randomising"))

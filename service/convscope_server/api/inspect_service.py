@@ -133,7 +133,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
             return occlusion(backend, sample, target, window, stride, baseline, (h_axis, w_axis), score,
                              self.limits.ort_batch, progress, should_stop)
 
-        for kind, value in stream_job(context, work):
+        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
             if kind == "progress":
                 yield inspect_pb2.OcclusionEvent(progress=tensor_pb2.Progress(step=value[0], total=value[1],
                                                                                stage="occluding"))
@@ -169,7 +169,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
             return score_cam(backend, sample, target, activation, channel_axis, spatial_axes, batch_size,
                              progress, should_stop)
 
-        for kind, value in stream_job(context, work):
+        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
             if kind == "progress":
                 yield inspect_pb2.ScoreCamEvent(progress=tensor_pb2.Progress(step=value[0], total=value[1],
                                                                               stage="masking"))

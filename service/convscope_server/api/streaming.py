@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+
+from convscope_server.errors import ResourceExhausted
 
 
-def stream_job(context, work):
+def stream_job(context, work, max_seconds: float | None = None):
     """Run ``work(progress, should_stop)`` in a worker thread and yield ("progress", (step, total, stage,
     loss, preview_png)) events while it runs, then ("result", value). ``should_stop()`` turns true when the client cancels,
-    the deadline passes, or the response stream is closed; the work checks it between batches."""
+    the deadline passes, the response stream is closed, or the job has run ``max_seconds``; the work checks
+    it between batches. A job stopped by ``max_seconds`` answers RESOURCE_EXHAUSTED."""
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
+    started = time.monotonic()
+    overtime = threading.Event()
 
     def should_stop() -> bool:
-        return stop.is_set() or not context.is_active()
+        if max_seconds is not None and time.monotonic() - started > max_seconds:
+            overtime.set()
+        return stop.is_set() or overtime.is_set() or not context.is_active()
 
     def progress(step: int, total: int, stage: str = "", loss: float = 0.0, preview: bytes = b"") -> None:
         events.put(("progress", (step, total, stage, loss, preview)))
@@ -37,6 +45,8 @@ def stream_job(context, work):
                 continue
             if kind == "error":
                 raise value
+            if kind == "result" and value is None and overtime.is_set():
+                raise ResourceExhausted(f"the job ran past the server's limit of {max_seconds:g} s and was stopped")
             yield kind, value
             if kind == "result":
                 return

@@ -70,7 +70,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                 return report
             return work(reporter, should_stop)
 
-        for kind, value in stream_job(context, run):
+        for kind, value in stream_job(context, run, self.limits.max_job_seconds):
             if kind == "progress":
                 step, total, stage, loss, image = value
                 yield synthesis_pb2.SynthesisEvent(progress=tensor_pb2.Progress(
@@ -309,7 +309,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         def work(progress, should_stop):
             return adversarial.robustness_curve(torch_model, space, xs, ys, epsilons, chunk, progress, should_stop)
 
-        for kind, value in stream_job(context, work):
+        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
             if kind == "progress":
                 yield synthesis_pb2.RobustnessEvent(progress=tensor_pb2.Progress(
                     step=value[0], total=value[1], stage=value[2]))
