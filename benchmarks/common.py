@@ -36,3 +36,24 @@ def report(rows: list[tuple[str, float, float]], ours: str, reference: str) -> N
     print(f"{'case':<34} {reference + ' (s)':>16} {ours + ' (s)':>16} {'ratio':>8}")
     for case, ref_time, our_time in rows:
         print(f"{case:<34} {ref_time:>16.4f} {our_time:>16.4f} {ref_time / our_time:>7.2f}x")
+
+
+def native_lite0(frozen: bool = True):
+    """The native torch EfficientNet-Lite0 built from the same weights as the served ONNX file."""
+    sys.path.insert(0, str(ROOT / "models"))
+    from build_efficientnet_lite0 import load_pretrained
+
+    model = load_pretrained()
+    for parameter in model.parameters():
+        parameter.requires_grad_(not frozen)
+    return model
+
+
+def chelsea_input():
+    """scikit-image's chelsea as the default model's float32 input (3, 224, 224)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    pixels = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224), Image.BILINEAR), np.float32)
+    return ((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()

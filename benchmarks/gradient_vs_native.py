@@ -10,13 +10,9 @@ converted / native (goal <= 1.2). End to end: the same methods through the serve
 from __future__ import annotations
 
 import argparse
-import sys
-
-import numpy as np
 import torch
-from PIL import Image
 
-from common import ROOT, start_server, timed
+from common import chelsea_input, native_lite0, start_server, timed
 
 
 def main() -> None:
@@ -25,18 +21,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT / "models"))
-    from build_efficientnet_lite0 import load_pretrained
     from captum.attr import IntegratedGradients, LayerGradCam, Saliency
-    from skimage import data
 
     from convscope import Client
 
-    native = load_pretrained()
-    for p in native.parameters():
-        p.requires_grad_(False)
-    pixels = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224), Image.BILINEAR), np.float32)
-    x = ((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+    native = native_lite0()
+    x = chelsea_input()
     t = torch.from_numpy(x[None])
     server = start_server()
     try:

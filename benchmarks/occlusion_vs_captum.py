@@ -14,9 +14,8 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
-from common import ROOT, report, start_server
+from common import chelsea_input, native_lite0, report, start_server
 
 
 def main() -> None:
@@ -26,19 +25,12 @@ def main() -> None:
     parser.add_argument("--ort-batch", type=int, default=8)
     args = parser.parse_args()
 
-    import sys
-
-    sys.path.insert(0, str(ROOT / "models"))
-    from build_efficientnet_lite0 import load_pretrained
     from captum.attr import Occlusion
-    from skimage import data
 
     from convscope import Client
 
-    torch.set_num_threads(torch.get_num_threads())
-    native = load_pretrained()
-    pixels = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224), Image.BILINEAR), np.float32)
-    x = ((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+    native = native_lite0()
+    x = chelsea_input()
     forward = lambda t: torch.softmax(native(t), dim=1)  # noqa: E731
     server = start_server(ort_batch=args.ort_batch)
     rows = []

@@ -10,13 +10,12 @@ same weights, against the server's jobs with the same step counts (no previews).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
 import torch
 
-from common import ROOT, start_server
+from common import chelsea_input, native_lite0, start_server
 
 
 def native_class_vis(model, steps: int) -> float:
@@ -58,18 +57,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "models"))
-    from build_efficientnet_lite0 import load_pretrained
-    from skimage import data
-    from PIL import Image
-
     from convscope import Client
 
-    native = load_pretrained()
-    for p in native.parameters():
-        p.requires_grad_(False)
-    pixels = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224), Image.BILINEAR), np.float32)
-    x = ((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+    native = native_lite0()
+    x = chelsea_input()
     layer = "/_blocks.5/Clip_1_output_0"
     server = start_server()
     try:

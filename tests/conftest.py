@@ -65,3 +65,51 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def reference_input(pixels: np.ndarray) -> np.ndarray:
+    """The default model's documented preprocessing written out independently of the server: stretch to
+    224x224 (bilinear), [0, 1], (x - 0.5) / 0.5, CHW."""
+    resized = np.asarray(Image.fromarray(pixels).resize((224, 224), Image.BILINEAR), dtype=np.float32)
+    return ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+
+
+@pytest.fixture(scope="session")
+def chelsea_input(chelsea) -> np.ndarray:
+    return reference_input(chelsea)
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The native EfficientNet-Lite0 (torch, same weights) as the build script makes it."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "models"))
+    from build_efficientnet_lite0 import load_pretrained
+
+    return load_pretrained()
+
+
+@pytest.fixture(scope="session")
+def fused_lite0():
+    """The native EfficientNet-Lite0 with each batch-norm fused into its conv: the function the ONNX file
+    holds. (Unfused, forward values differ by ~1e-6, enough to flip a ReLU6 unit sitting 2e-6 from its
+    threshold in block 13 on chelsea, and a piecewise-linear network's gradient jumps there: 1.4% apart.)"""
+    import sys
+
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    sys.path.insert(0, str(ROOT / "models"))
+    from build_efficientnet_lite0 import load_pretrained
+
+    model = load_pretrained()
+    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
+    for block in model._blocks:
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        if block.has_expand:
+            pairs.append((block, "_expand_conv", "_bn0"))
+    for owner, conv, bn in pairs:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+        setattr(owner, bn, torch.nn.Identity())
+    return model

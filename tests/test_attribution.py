@@ -3,17 +3,14 @@ native torch models (same weights) and inputs."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 from convscope import Client, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from conftest import ROOT, start
+from conftest import start
 from tiny_models import NUM_CLASSES, SIZE, tiny_net
 
-sys.path.insert(0, str(ROOT / "models"))
 X = np.random.default_rng(11).normal(size=(3, SIZE, SIZE)).astype(np.float32)
 
 
@@ -23,47 +20,18 @@ def close(ours, reference, rtol=1e-4):
     np.testing.assert_allclose(ours, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
 
 
-@pytest.fixture(scope="module")
-def lite0():
-    """The native EfficientNet-Lite0 with each batch-norm fused into its conv: the function the ONNX file
-    holds. (Unfused, forward values differ by ~1e-6, enough to flip a ReLU6 unit sitting 2e-6 from its
-    threshold in block 13 on chelsea, and a piecewise-linear network's gradient jumps there: 1.4% apart.)"""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    from build_efficientnet_lite0 import load_pretrained
-
-    model = load_pretrained()
-    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
-    for block in model._blocks:
-        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
-        if block.has_expand:
-            pairs.append((block, "_expand_conv", "_bn0"))
-    for owner, conv, bn in pairs:
-        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
-        setattr(owner, bn, torch.nn.Identity())
-    return model
-
-
-@pytest.fixture(scope="module")
-def chelsea_input(chelsea):
-    from PIL import Image
-
-    resized = np.asarray(Image.fromarray(chelsea).resize((224, 224), Image.BILINEAR), dtype=np.float32)
-    return ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()
-
-
 def _t(x):
     return torch.from_numpy(np.ascontiguousarray(x[None]))
 
 
-def test_vanilla_saliency_equals_captum(client, lite0, chelsea_input):
+def test_vanilla_saliency_equals_captum(client, fused_lite0, chelsea_input):
     from captum.attr import Saliency
 
     got = client.saliency("tiny", X, target=3)
     close(got.attribution, Saliency(tiny_net()).attribute(_t(X), target=3, abs=False)[0].numpy())
     close(got.map, np.abs(got.attribution).max(axis=0), 1e-6)
     got = client.saliency("efficientnet_lite0", chelsea_input, target=285)
-    close(got.attribution, Saliency(lite0).attribute(_t(chelsea_input), target=285, abs=False)[0].numpy())
+    close(got.attribution, Saliency(fused_lite0).attribute(_t(chelsea_input), target=285, abs=False)[0].numpy())
 
 
 def test_smoothgrad_equals_captum_saliency_over_the_same_noise(client):
@@ -117,7 +85,7 @@ def test_guided_backprop_and_deconvnet_equal_captum(client, rule):
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
-def test_grad_cam_equals_pytorch_grad_cam(client, method, lite0, chelsea_input):
+def test_grad_cam_equals_pytorch_grad_cam(client, method, fused_lite0, chelsea_input):
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -126,7 +94,7 @@ def test_grad_cam_equals_pytorch_grad_cam(client, method, lite0, chelsea_input):
     with reference(model=native, target_layers=[native.conv3]) as cam:
         expected = cam(input_tensor=_t(X), targets=[ClassifierOutputTarget(4)])[0]
     close(client.cam("tiny", X, target=4, layer="/conv3/Conv_output_0", method=method).map, expected)
-    with reference(model=lite0, target_layers=[lite0._bn1]) as cam:  # fused: the conv-head output
+    with reference(model=fused_lite0, target_layers=[fused_lite0._bn1]) as cam:  # fused: the conv-head output
         expected = cam(input_tensor=_t(chelsea_input), targets=[ClassifierOutputTarget(285)])[0]
     got = client.cam("efficientnet_lite0", chelsea_input, target=285, layer="/_conv_head/Conv_output_0",
                      method=method, render=True)

@@ -16,24 +16,11 @@ import torch
 from PIL import Image
 
 from convscope import Client, InvalidArgument, NotFound, ResourceExhausted
-from conftest import ROOT, start
-from tiny_models import DEAD_CHANNEL, NUM_CLASSES, SIZE, tiny_net
+from conftest import ROOT, reference_input, start
+from tiny_models import DEAD_CHANNEL, SIZE, tiny_net
 
-sys.path.insert(0, str(ROOT / "models"))
 RNG = np.random.default_rng(7)
 X_TINY = RNG.normal(size=(3, SIZE, SIZE)).astype(np.float32)
-
-
-def _reference_input(pixels: np.ndarray) -> np.ndarray:
-    resized = np.asarray(Image.fromarray(pixels).resize((224, 224), Image.BILINEAR), dtype=np.float32)
-    return ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    from build_efficientnet_lite0 import load_pretrained
-
-    return load_pretrained()
 
 
 def _hooked(model, modules: dict, x: np.ndarray) -> dict:
@@ -74,7 +61,7 @@ def test_activations_of_the_default_model_equal_native_torch(client, chelsea, li
     names = {"/_blocks.3/_depthwise_conv/Conv_output_0": lite0._blocks[3]._bn1,
              "/_conv_head/Conv_output_0": lite0._bn1}
     got = client.activations("efficientnet_lite0", chelsea, list(names))
-    expected = _hooked(lite0, names, _reference_input(chelsea)[None])
+    expected = _hooked(lite0, names, reference_input(chelsea)[None])
     for name in names:
         scale = np.abs(expected[name]).max()
         np.testing.assert_allclose(got[name].values, expected[name], rtol=1e-4, atol=1e-4 * scale, err_msg=name)
@@ -175,7 +162,7 @@ def test_occlusion_equals_captum_on_tiny(client, baseline):
 
 
 def test_occlusion_equals_captum_on_the_default_model(client, chelsea, lite0):
-    x = _reference_input(chelsea)
+    x = reference_input(chelsea)
     got = client.occlusion("efficientnet_lite0", x, target=285, window=32, stride=16, render=True)
     expected = _captum_occlusion(lite0, x, 285, (32, 32), (16, 16), np.zeros_like(x), probability=True)
     _assert_same_map(got.attribution, expected[0])
@@ -208,7 +195,7 @@ def test_score_cam_equals_pytorch_grad_cam(client, chelsea, lite0):
     got = client.score_cam("tiny", X_TINY, "/conv3/Conv_output_0", target=2)
     np.testing.assert_allclose(got.cam, expected, rtol=1e-4, atol=1e-4)
 
-    x = _reference_input(chelsea)
+    x = reference_input(chelsea)
     with ScoreCAM(model=lite0, target_layers=[lite0._blocks[15]._bn2]) as cam:
         cam.batch_size = 64
         expected = cam(input_tensor=torch.from_numpy(x[None]), targets=[ClassifierOutputTarget(285)])[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import png_bytes
+from conftest import png_bytes, reference_input
 from tiny_models import HAND_RECEPTIVE_FIELDS, NUM_CLASSES, SIZE, tiny_net
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -42,14 +42,8 @@ def test_image_forms_agree(client, chelsea):
     np.testing.assert_allclose([s.logit for s in as_png], [s.logit for s in as_array], rtol=1e-6)
 
 
-def _reference_preprocess(pixels: np.ndarray) -> np.ndarray:
-    """The default model's documented preprocessing, written out independently of the server."""
-    resized = np.asarray(Image.fromarray(pixels).resize((224, 224), Image.BILINEAR), dtype=np.float32)
-    return ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
-
-
 def test_float32_input_is_used_unchanged_and_matches_onnxruntime(client, repository, chelsea):
-    x = _reference_preprocess(chelsea)
+    x = reference_input(chelsea)
     session = ort.InferenceSession(str(repository / "efficientnet_lite0" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     expected = session.run(None, {"input": x[None]})[0][0]

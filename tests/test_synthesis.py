@@ -26,12 +26,6 @@ def mostly_rising(values, fraction=0.7) -> bool:
     return values[-1] > values[0] and (np.diff(windows) > 0).mean() >= fraction
 
 
-@pytest.fixture(scope="module")
-def chelsea_input(chelsea):
-    resized = np.asarray(Image.fromarray(chelsea).resize((224, 224), Image.BILINEAR), dtype=np.float32)
-    return ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()
-
-
 def test_class_visualization_raises_the_class_score(client):
     previews = []
     r = client.class_visualization(MODEL, 130, steps=40, jitter=4, blur_every=4, decay=0.001, preview_every=10,
@@ -81,23 +75,12 @@ def test_style_transfer_and_texture_at_other_sizes(client, chelsea, coffee):
     assert texture.image.shape == (3, 160, 192) and texture.losses[-1] < 0.5 * texture.losses[0]
 
 
-def _native_fused():
-    import sys
-
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_attribution import lite0 as fused_fixture
-
-    return fused_fixture.__wrapped__()
-
-
-def test_fgsm_small_epsilon_changes_the_prediction_like_a_handwritten_fgsm(client, chelsea_input):
+def test_fgsm_small_epsilon_changes_the_prediction_like_a_handwritten_fgsm(client, chelsea_input, fused_lite0):
     r = client.adversarial(MODEL, chelsea_input, epsilon=2 / 255)
     assert r.before[0].index == 285 and r.after[0].index != 285
     assert abs(r.linf_pixels - 2 / 255) < 1e-5
     # FGSM written out on the native model (batch-norm fused, as in the ONNX file):
-    native = _native_fused()
+    native = fused_lite0
     x = torch.from_numpy(chelsea_input[None]).requires_grad_(True)
     torch.nn.functional.cross_entropy(native(x), torch.tensor([285])).backward()
     expected = (x + (2 / 255) / 0.5 * x.grad.sign()).clamp(-1, 1).detach().numpy()[0]

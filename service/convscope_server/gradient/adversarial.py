@@ -10,7 +10,6 @@ import numpy as np
 
 
 def _loss_gradient(torch_model, space, x, labels):
-    import torch
     import torch.nn.functional as F
 
     x = x.detach().clone().requires_grad_(True)

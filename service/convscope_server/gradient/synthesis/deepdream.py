@@ -19,7 +19,7 @@ def deepdream(torch_model, space, x0, layer: str, octaves: int, octave_scale: fl
     sizes = [(max(8, round(height / octave_scale ** k)), max(8, round(width / octave_scale ** k)))
              for k in reversed(range(octaves))]
     detail = torch.zeros(1, x0.shape[1], *sizes[0])
-    losses, done, total = [], 0, steps * octaves
+    losses, done = [], 0
     x = x0
     for size in sizes:
         base = F.interpolate(x0, size=size, mode="bilinear", align_corners=False)
