@@ -117,6 +117,10 @@ def test_bad_synthesis_requests(client, chelsea, repository):
         client.class_visualization(MODEL, layer="/Clip_1_output_0", channel=1280)
     with pytest.raises(InvalidArgument, match="target: required"):
         client.class_visualization(MODEL)
+    with pytest.raises(InvalidArgument, match="row: 14 is outside '/_blocks.5/Clip_1_output_0''s 0..13"):
+        client.class_visualization(MODEL, layer="/_blocks.5/Clip_1_output_0", neuron=(14, 0), steps=2)
+    with pytest.raises(InvalidArgument, match="col: -1 is outside"):
+        client.class_visualization(MODEL, layer="/_blocks.5/Clip_1_output_0", neuron=(0, -1), steps=2)
     with pytest.raises(InvalidArgument, match="target: 1000 is outside"):
         client.class_visualization(MODEL, 1000)
     with pytest.raises(ResourceExhausted, match="optimization.steps: 5000 is over the limit of 2000"):

@@ -26,6 +26,7 @@ config.toml (every key optional; what is missing is inferred from the graph and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import tomllib
@@ -35,7 +36,7 @@ from pathlib import Path
 import onnx
 
 from convscope_server.errors import FailedPrecondition, NotFound
-from convscope_server.onnx.graph import LayerInfo, describe_graph, tensor_types
+from convscope_server.onnx.graph import LayerInfo, constants, describe_graph, tensor_types
 from convscope_server.onnx.loading import ModelLoadError, inside, load_model
 from convscope_server.onnx.probes import ProbeCache
 from convscope_server.onnx.session import create_session
@@ -94,6 +95,11 @@ class LoadedModel:
             return self._layer_index[name]
         except KeyError:
             raise NotFound(field_name, "layer", name, [layer.name for layer in self.layers]) from None
+
+    @functools.cached_property
+    def constants(self) -> dict:
+        """Initializers and Constant outputs as arrays, computed once (weights for filters, CAM heads)."""
+        return constants(self.proto)
 
     def label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else f"class {index}"

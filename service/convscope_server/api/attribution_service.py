@@ -7,7 +7,8 @@ import numpy as np
 
 from convscope.v1 import attribution_pb2, attribution_pb2_grpc, tensor_pb2
 from convscope_server import render
-from convscope_server.api.common import check_passes, input_axes, positive, resolve_target, single_input
+from convscope_server.api.common import (check_passes, input_axes, neuron_position, positive, resolve_target,
+                                         single_input, spatial_layer)
 from convscope_server.api.model_service import require_model
 from convscope_server.api.streaming import stream_job
 from convscope_server.errors import InvalidArgument, ResourceExhausted
@@ -15,7 +16,6 @@ from convscope_server.forward import activations as acts
 from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.class_activation import class_activation_map, find_linear_head
 from convscope_server.gradient import attribution, backprop, cam, sanity, segmentation
-from convscope_server.onnx.graph import constants
 from convscope_server.tensors import to_tensor
 
 
@@ -99,7 +99,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             request.rule)
         if rule is None:
             raise InvalidArgument("rule", f"unknown rule {request.rule}")
-        layer_name, channel_of_layer = None, 1
+        layer, layer_name, channel_of_layer = None, None, 1
         if request.layer:
             layer = model.layer(request.layer)
             channels = layer.shape[3 if layer.layout == "NHWC" else 1] if len(layer.shape) >= 2 else 0
@@ -107,17 +107,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
                 raise InvalidArgument("channel", f"{request.channel} is outside {layer.name!r}'s channels "
                                       f"0..{channels - 1}")
             layer_name, channel_of_layer = layer.name, 3 if layer.layout == "NHWC" else 1
-        position = None
-        if request.HasField("row") != request.HasField("col"):
-            raise InvalidArgument("col" if request.HasField("row") else "row", "give both row and col, or neither")
-        if request.HasField("row"):
-            if not layer_name or layer.spatial is None:
-                raise InvalidArgument("row", "a neuron position needs a spatial layer")
-            height, width = (layer.shape[1], layer.shape[2]) if layer.layout == "NHWC" else layer.shape[2:4]
-            for field, value, size in (("row", request.row, height), ("col", request.col, width)):
-                if size > 0 and not 0 <= value < size:
-                    raise InvalidArgument(field, f"{value} is outside {layer.name!r}'s 0..{size - 1}")
-            position = (int(request.row), int(request.col))
+        position = neuron_position(request, layer)
         grads = backprop.modified_gradient(torch_model, sample, rule, target, layer_name, int(request.channel),
                                            channel_of_layer, position)
         return self._result(model, sample, target, grads, attribution.saliency_map(grads, channel_axis), 1,
@@ -132,7 +122,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             raise InvalidArgument("method", f"unknown CAM method {request.method}")
         head = None
         if method == "cam":
-            head = find_linear_head(model.proto, constants(model.proto), model.config.logits_output)
+            head = find_linear_head(model.proto, model.constants, model.config.logits_output)
             if isinstance(head, str):
                 raise InvalidArgument("method", f"CAM needs a global-average-pool + linear head, and {head}; "
                                       "use Grad-CAM")
@@ -141,10 +131,8 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
                                       "empty or name that one")
         elif not request.layer:
             raise InvalidArgument("layer", "required: name a spatial tensor (see DescribeModel)")
-        layer = model.layer(head.feature_map if head else request.layer)
-        if head is None and (layer.spatial is None or len(layer.shape) != 4):
-            raise InvalidArgument("layer", f"{layer.name!r} is not a spatial (N, C, H, W) tensor; class activation "
-                                  "maps need a conv feature map")
+        layer = (model.layer(head.feature_map) if head else
+                 spatial_layer(model, request.layer, "layer", "class activation maps need a conv feature map"))
         sample = single_input(model, request, self.limits)
         backend = OrtBackend(model, self.limits.ort_batch)
         target = resolve_target(model, backend, request, sample)
@@ -177,15 +165,13 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         steps = positive(request.steps, 16, "steps")
         cam_layer = None
         if "gradcam" in methods:
-            if request.cam_layer:
-                cam_layer = model.layer(request.cam_layer, "cam_layer")
-            else:
-                head = find_linear_head(model.proto, constants(model.proto), model.config.logits_output)
+            name = request.cam_layer
+            if not name:
+                head = find_linear_head(model.proto, model.constants, model.config.logits_output)
                 if isinstance(head, str):
                     raise InvalidArgument("cam_layer", f"required for gradcam: {head}")
-                cam_layer = model.layer(head.feature_map, "cam_layer")
-            if cam_layer.spatial is None or len(cam_layer.shape) != 4:
-                raise InvalidArgument("cam_layer", f"{cam_layer.name!r} is not a spatial (N, C, H, W) tensor")
+                name = head.feature_map
+            cam_layer = spatial_layer(model, name, "cam_layer", "Grad-CAM needs a conv feature map")
         if request.layers < 0:
             raise InvalidArgument("layers", f"must be >= 0, got {request.layers}")
         model, torch_model, sample, target = self._prepare(request)

@@ -7,7 +7,7 @@ import numpy as np
 from convscope.v1 import inspect_pb2, inspect_pb2_grpc, tensor_pb2
 from convscope_server import render
 from convscope_server.api.common import (check_passes, input_axes, optional_size, positive, resolve_target,
-                                         single_input)
+                                         single_input, spatial_layer)
 from convscope_server.api.model_service import model_inputs, require_model
 from convscope_server.api.streaming import stream_job
 from convscope_server.errors import InvalidArgument
@@ -16,7 +16,6 @@ from convscope_server.forward import filters as filt
 from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.occlusion import forward_passes, gaussian_blur, occlusion
 from convscope_server.forward.score_cam import score_cam
-from convscope_server.onnx.graph import constants
 from convscope_server.tensors import to_tensor
 
 
@@ -37,7 +36,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         if node is None or node.op_type != "Conv":
             raise InvalidArgument("layer", f"{layer.name!r} is made by {layer.op_type}, not Conv; filters exist "
                                   "for Conv outputs")
-        weights = constants(model.proto).get(node.input[1])
+        weights = model.constants.get(node.input[1])
         if weights is None:
             raise InvalidArgument("layer", f"the weights of {node.name!r} are computed in the graph, not stored")
         source = model.layer(node.input[0])
@@ -154,10 +153,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         sample = single_input(model, request, self.limits)
         if not request.layer:
             raise InvalidArgument("layer", "required: name a spatial tensor (see DescribeModel)")
-        layer = model.layer(request.layer)
-        if layer.spatial is None or len(layer.shape) != 4:
-            raise InvalidArgument("layer", f"{layer.name!r} is not a spatial (N, C, H, W) tensor; Score-CAM "
-                                  "needs a conv feature map")
+        layer = spatial_layer(model, request.layer, "layer", "Score-CAM needs a conv feature map")
         batch_size = positive(request.batch_size, 16, "batch_size")
         backend = self._backend(model)
         target = resolve_target(model, backend, request, sample)

@@ -6,6 +6,7 @@ import numpy as np
 
 from convscope.v1 import model_pb2, model_pb2_grpc
 from convscope_server.errors import InvalidArgument, ResourceExhausted
+from convscope_server.forward.backend import softmax
 from convscope_server.images import to_model_input
 from convscope_server.onnx.graph import tensor_types
 from convscope_server.onnx.session import run_batched
@@ -43,12 +44,6 @@ def _layer(info) -> model_pb2.Layer:
             size_h=s.h.size, size_w=s.w.size, jump_h=s.h.jump, jump_w=s.w.jump, start_h=s.h.start,
             start_w=s.w.start))
     return message
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class ModelService(model_pb2_grpc.ModelServiceServicer):

@@ -8,7 +8,7 @@ import numpy as np
 
 from convscope.v1 import model_pb2, synthesis_pb2, synthesis_pb2_grpc, tensor_pb2
 from convscope_server import render
-from convscope_server.api.common import positive, single_input
+from convscope_server.api.common import neuron_position, positive, single_input, spatial_layer
 from convscope_server.api.model_service import model_inputs, require_model
 from convscope_server.api.streaming import stream_job
 from convscope_server.errors import InvalidArgument, ResourceExhausted
@@ -48,12 +48,6 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
             raise ResourceExhausted(f"{field}: {height}x{width} is over the limit of "
                                     f"{self.limits.max_synthesis_pixels} pixels")
 
-    def _layer(self, model, name: str, field: str, spatial: bool = True):
-        layer = model.layer(name, field)
-        if spatial and (layer.spatial is None or len(layer.shape) != 4):
-            raise InvalidArgument(field, f"{layer.name!r} is not a spatial (N, C, H, W) tensor")
-        return layer
-
     def _stream(self, context, work, space, options):
         """Run ``work(reporter_factory, should_stop)`` and yield SynthesisEvents."""
         frames: list[bytes] = []
@@ -92,17 +86,13 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         steps, lr, seed = self._options(request.optimization, 200, 0.05)
         objective = Objective()
         if request.layer:
-            layer = self._layer(model, request.layer, "layer")
+            layer = spatial_layer(model, request.layer, "layer")
             channel_axis = 3 if layer.layout == "NHWC" else 1
             channels = layer.shape[channel_axis]
             if channels > 0 and not 0 <= request.channel < channels:
                 raise InvalidArgument("channel", f"{request.channel} is outside {layer.name!r}'s channels "
                                       f"0..{channels - 1}")
-            position = None
-            if request.HasField("row") or request.HasField("col"):
-                if not (request.HasField("row") and request.HasField("col")):
-                    raise InvalidArgument("row", "give both row and col, or neither")
-                position = (int(request.row), int(request.col))
+            position = neuron_position(request, layer)
             objective = Objective(layer=layer.name, channel=int(request.channel), position=position,
                                   channel_axis=channel_axis)
         else:
@@ -139,7 +129,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         steps, lr, seed = self._options(request.optimization, 200, 0.05)
         if not request.layers:
             raise InvalidArgument("layers", "name at least one layer to invert")
-        layers = [self._layer(model, name, f"layers[{i}]", spatial=False) for i, name in enumerate(request.layers)]
+        layers = [model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
         if request.tv_weight < 0:
             raise InvalidArgument("tv_weight", f"must be >= 0, got {request.tv_weight}")
         tv = request.tv_weight or 0.05
@@ -160,7 +150,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
     def DeepDream(self, request, context):
         model, torch_model, space = self._setup(request)
         steps, lr, seed = self._options(request.optimization, 10, 0.02)
-        layer = self._layer(model, request.layer, "layer") if request.layer else None
+        layer = spatial_layer(model, request.layer, "layer") if request.layer else None
         if layer is None:
             raise InvalidArgument("layer", "required: the layer whose activations to amplify")
         octaves = positive(request.octaves, 3, "octaves")
@@ -190,14 +180,14 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         steps, lr, seed = self._options(request.optimization, 300 if adam else 100, 0.05 if adam else 1.0)
         if not request.HasField("style"):
             raise InvalidArgument("style", "required")
-        style_layers = [self._layer(model, n, f"style_layers[{i}]").name for i, n in enumerate(request.style_layers)]
+        style_layers = [spatial_layer(model, n, f"style_layers[{i}]").name for i, n in enumerate(request.style_layers)]
         if not style_layers:
             raise InvalidArgument("style_layers", "name at least one layer (early to middle activations work best)")
         content_layer = None
         if request.HasField("content"):
             if not request.content_layer:
                 raise InvalidArgument("content_layer", "required with a content image")
-            content_layer = self._layer(model, request.content_layer, "content_layer").name
+            content_layer = spatial_layer(model, request.content_layer, "content_layer").name
         if request.height < 0 or request.width < 0:
             raise InvalidArgument("height" if request.height < 0 else "width", "must be positive")
         height = request.height or model.config.height
