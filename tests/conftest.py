@@ -35,8 +35,36 @@ def start(repository: Path, **settings):
 
 
 @pytest.fixture(scope="session")
-def server(repository):
-    running = start(repository)
+def data_root(tmp_path_factory) -> Path:
+    """A data root: demo/ (4 crops per class of the demo photos, datasets/build_demo.py), broken/ (good
+    images beside a corrupt file, a truncated PNG and a symlink to a file outside the root) and linked/ (a
+    symlink to a folder outside the root)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "datasets"))
+    from build_demo import build
+
+    base = tmp_path_factory.mktemp("data")
+    root, outside = base / "root", base / "outside"
+    build(root / "demo", per_class=4)
+    outside.mkdir()
+    secret = png_bytes(np.full((32, 32, 3), 200, np.uint8))
+    (outside / "secret.png").write_bytes(secret)
+    broken = root / "broken"
+    broken.mkdir()
+    good = png_bytes(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    (broken / "a_good.png").write_bytes(good)
+    (broken / "b_corrupt.jpg").write_bytes(b"this is not a jpeg")
+    (broken / "c_truncated.png").write_bytes(good[: len(good) // 2])
+    (broken / "d_escape.png").symlink_to(outside / "secret.png")
+    (broken / "e_good.png").write_bytes(png_bytes(np.zeros((30, 30, 3), np.uint8)))
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(repository, data_root, tmp_path_factory):
+    running = start(repository, data_root=data_root, gallery_root=tmp_path_factory.mktemp("galleries"))
     yield running
     running.stop(0)
 

@@ -7,7 +7,7 @@
 
 from convscope.client import (ClassScore, Client, Layer, ModelDescription, ModelSummary,
                               ReceptiveField)
-from convscope.errors import (Cancelled, ConvscopeError, DeadlineExceeded, FailedPrecondition, Internal,
+from convscope.errors import (AlreadyExists, Cancelled, ConvscopeError, DeadlineExceeded, FailedPrecondition, Internal,
                               InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, Unavailable)
 
 __version__ = "0.1.0"
@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Client", "ClassScore", "Layer", "ModelDescription", "ModelSummary", "ReceptiveField",
     "ConvscopeError", "InvalidArgument", "NotFound", "ResourceExhausted", "FailedPrecondition",
-    "Unauthenticated", "Unavailable", "DeadlineExceeded", "Cancelled", "Internal",
+    "AlreadyExists", "Unauthenticated", "Unavailable", "DeadlineExceeded", "Cancelled", "Internal",
 ]

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from convscope.dataset_client import DatasetMethods
 from convscope.errors import from_rpc_error
 from convscope.images import to_image_message
 from convscope.tensors import from_tensor as _from_tensor
-from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, inspect_pb2, inspect_pb2_grpc, model_pb2,
-                          model_pb2_grpc, synthesis_pb2, synthesis_pb2_grpc)
+from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, dataset_pb2_grpc, inspect_pb2, inspect_pb2_grpc,
+                          model_pb2, model_pb2_grpc, synthesis_pb2, synthesis_pb2_grpc)
 
 DEFAULT_TARGET = os.environ.get("CONVSCOPE_SERVER", "localhost:50051")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -216,7 +217,7 @@ def _tls_credentials(tls) -> grpc.ChannelCredentials:
     raise TypeError("tls must be True, a grpc.ChannelCredentials, PEM root-certificate bytes or a path to them")
 
 
-class Client:
+class Client(DatasetMethods):
     """Connects to a convscope server.
 
     >>> with Client("localhost:50051") as c:
@@ -242,6 +243,7 @@ class Client:
         self._inspect = inspect_pb2_grpc.InspectServiceStub(self._channel)
         self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
         self._synthesis = synthesis_pb2_grpc.SynthesisServiceStub(self._channel)
+        self._dataset = dataset_pb2_grpc.DatasetServiceStub(self._channel)
 
     # -- plumbing -------------------------------------------------------------------------------------
     def __enter__(self) -> Client:
@@ -263,18 +265,24 @@ class Client:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def _stream(self, method, request, progress=None, timeout=None, preview=None):
+    def _stream(self, method, request, progress=None, timeout=None, preview=None, item_error=None):
         """Consume a job's event stream: progress events go to ``progress(step, total, stage)`` (and, for
-        optimisation jobs, ``preview(step, loss, png)``); returns the result message. Interrupting
-        (Ctrl-C) cancels the call, which stops the work on the server."""
+        optimisation jobs, ``preview(step, loss, png)``; for dataset scans, unreadable images to
+        ``item_error(message)``); returns the result message. ``request`` is a message, or an iterator of
+        them for the streaming dataset calls. Interrupting (Ctrl-C) cancels the call, which stops the work
+        on the server."""
         call = method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for event in call:
-                if event.WhichOneof("event") == "progress":
+                kind = event.WhichOneof("event")
+                if kind == "progress":
                     if progress is not None:
                         progress(event.progress.step, event.progress.total, event.progress.stage)
                     if preview is not None:
                         preview(event.progress.step, event.progress.loss, event.progress.preview_png)
+                elif kind == "item_error":
+                    if item_error is not None:
+                        item_error(event.item_error)
                 else:
                     return event.result
         except grpc.RpcError as error:

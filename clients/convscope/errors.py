@@ -36,6 +36,10 @@ class FailedPrecondition(ConvscopeError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class AlreadyExists(ConvscopeError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Unauthenticated(ConvscopeError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -57,7 +61,8 @@ class Internal(ConvscopeError):
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, FailedPrecondition,
-                                      Unauthenticated, Unavailable, DeadlineExceeded, Cancelled, Internal)}
+                                      AlreadyExists, Unauthenticated, Unavailable, DeadlineExceeded, Cancelled,
+                                      Internal)}
 
 
 def from_rpc_error(error: grpc.RpcError) -> ConvscopeError:

@@ -20,14 +20,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, inspect_pb2, inspect_pb2_grpc, model_pb2,
-                          model_pb2_grpc, synthesis_pb2, synthesis_pb2_grpc)
+from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, dataset_pb2, dataset_pb2_grpc, inspect_pb2,
+                          inspect_pb2_grpc, model_pb2, model_pb2_grpc, synthesis_pb2, synthesis_pb2_grpc)
 from convscope_server import config as config_module
 from convscope_server.api.attribution_service import AttributionService
+from convscope_server.api.dataset_service import DatasetService
 from convscope_server.api.inspect_service import InspectService
 from convscope_server.api.synthesis_service import SynthesisService
 from convscope_server.api.model_service import ModelService
 from convscope_server.config import ServerConfig
+from convscope_server.datasets import DataRoot
 from convscope_server.errors import ErrorInterceptor, TokenInterceptor
 from convscope_server.gradient.bridge import TorchBridges
 from convscope_server.repository import ModelRepository
@@ -38,7 +40,8 @@ MODEL_SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 INSPECT_SERVICE = inspect_pb2.DESCRIPTOR.services_by_name["InspectService"].full_name
 ATTRIBUTION_SERVICE = attribution_pb2.DESCRIPTOR.services_by_name["AttributionService"].full_name
 SYNTHESIS_SERVICE = synthesis_pb2.DESCRIPTOR.services_by_name["SynthesisService"].full_name
-SERVICES = (MODEL_SERVICE, INSPECT_SERVICE, ATTRIBUTION_SERVICE, SYNTHESIS_SERVICE)
+DATASET_SERVICE = dataset_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
+SERVICES = (MODEL_SERVICE, INSPECT_SERVICE, ATTRIBUTION_SERVICE, SYNTHESIS_SERVICE, DATASET_SERVICE)
 
 
 def model_health_name(name: str) -> str:
@@ -85,6 +88,8 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     attribution_pb2_grpc.add_AttributionServiceServicer_to_server(AttributionService(repository, bridges, config),
                                                                   server)
     synthesis_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisService(repository, bridges, config), server)
+    datasets = DatasetService(repository, DataRoot(config.data_root), config)
+    dataset_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))

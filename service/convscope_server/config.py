@@ -12,6 +12,8 @@ class ServerConfig:
     host: str = "[::]"
     port: int = 50051                      # 0 picks a free port (reported at start-up)
     repository: Path = Path("models")      # the model repository: <repository>/<name>/model.onnx
+    data_root: Path = Path("datasets")     # dataset folders scans may read: <data_root>/<name>/...
+    gallery_root: Path = Path("galleries")  # where galleries of codes are stored (created when missing)
     workers: int = 8                       # request threads
     max_message_bytes: int = 64 * 1024 * 1024
     token: str | None = None               # when set, every call but health checks needs "Bearer <token>"
@@ -24,6 +26,9 @@ class ServerConfig:
     ort_batch: int = 16                    # images per onnxruntime run on dynamic-batch models
     ort_threads: int = 0                   # intra-op threads per session; 0 lets onnxruntime choose
     device: str = "auto"                   # "auto" (CUDA when onnxruntime has it) or "cpu"
+    max_scan_images: int = 200_000         # images in one dataset scan (patches, gallery)
+    max_top_k: int = 100                   # images kept per channel by a patch scan; neighbours per query
+    max_embed_points: int = 20_000         # points in one PCA / t-SNE embedding
     grace_seconds: float = 10.0            # in-flight calls get this long to finish on SIGTERM
 
 
@@ -40,6 +45,10 @@ def add_arguments(parser) -> None:
     helps = {
         "host": "address to bind", "port": "port to bind (0 picks a free one)",
         "repository": "model repository folder", "workers": "request threads",
+        "data_root": "folder whose sub-folders are the datasets scans may read",
+        "gallery_root": "folder where galleries are stored",
+        "max_scan_images": "most images in one dataset scan", "max_top_k": "largest k (patches per channel, "
+        "neighbours per query)", "max_embed_points": "most points in one embedding",
         "max_message_bytes": "largest gRPC message sent or received",
         "token": "require 'authorization: Bearer TOKEN' on every call but health checks",
         "max_batch": "most images in one request",
@@ -52,7 +61,7 @@ def add_arguments(parser) -> None:
     }
     for name, default in vars(defaults).items():
         flag = "--" + name.replace("_", "-")
-        kind = Path if name == "repository" else (str if default is None else type(default))
+        kind = Path if isinstance(default, Path) else (str if default is None else type(default))
         parser.add_argument(flag, type=kind, default=_env(name, default),
                             help=f"{helps[name]} (env CONVSCOPE_{name.upper()}, default {default})")
 

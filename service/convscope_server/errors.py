@@ -51,6 +51,12 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class AlreadyExists(ServiceError):
+    """Creating something (a gallery) that exists, without asking to replace it."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -86,6 +92,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def failure(error):
             if isinstance(error, ServiceError):
                 return error.code, str(error)
+            if isinstance(error, grpc.RpcError):  # reading a request stream the client has cancelled
+                return grpc.StatusCode.CANCELLED, "the client cancelled the call"
             log.exception("unexpected error in %s", method)
             return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 

@@ -9,11 +9,13 @@ import time
 from convscope_server.errors import ResourceExhausted
 
 
-def stream_job(context, work, max_seconds: float | None = None):
+def stream_job(context, work, max_seconds: float | None = None, emits: bool = False):
     """Run ``work(progress, should_stop)`` in a worker thread and yield ("progress", (step, total, stage,
-    loss, preview_png)) events while it runs, then ("result", value). ``should_stop()`` turns true when the client cancels,
-    the deadline passes, the response stream is closed, or the job has run ``max_seconds``; the work checks
-    it between batches. A job stopped by ``max_seconds`` answers RESOURCE_EXHAUSTED."""
+    loss, preview_png)) events while it runs, then ("result", value). ``should_stop()`` turns true when the
+    client cancels, the deadline passes, the response stream is closed, or the job has run ``max_seconds``; the work checks
+    it between batches. A job stopped by ``max_seconds`` answers RESOURCE_EXHAUSTED. With ``emits`` the work
+    is called as ``work(progress, should_stop, emit)`` and ``emit(kind, value)`` yields events of its own
+    (dataset scans report unreadable items this way)."""
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
     started = time.monotonic()
@@ -27,9 +29,12 @@ def stream_job(context, work, max_seconds: float | None = None):
     def progress(step: int, total: int, stage: str = "", loss: float = 0.0, preview: bytes = b"") -> None:
         events.put(("progress", (step, total, stage, loss, preview)))
 
+    def emit(kind: str, value) -> None:
+        events.put((kind, value))
+
     def run() -> None:
         try:
-            events.put(("result", work(progress, should_stop)))
+            events.put(("result", work(progress, should_stop, emit) if emits else work(progress, should_stop)))
         except BaseException as error:  # handed to the RPC thread, which re-raises it
             events.put(("error", error))
 

@@ -1,0 +1,223 @@
+"""Where dataset scans get their images: folders under the data root, or a client's stream.
+
+A dataset is any folder under the configured data root, read recursively in sorted path order; an item's
+id is its path relative to the dataset folder and its label the first sub-folder (``demo/cat/01.jpg`` ->
+label ``cat``). Names and files must resolve inside the data root: ``..``, absolute paths and symlinks
+that lead outside are refused. Streamed items arrive as ``DatasetItem`` messages after the request's spec.
+
+Either way the scan sees a sequence of :class:`Item` whose pixels are decoded lazily, so an unreadable
+image becomes an ``ItemError`` for that item alone. :func:`batches` decodes ahead in a background thread
+(Pillow releases the GIL while decoding) so onnxruntime is not kept waiting, and holds at most a few
+batches: memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convscope_server.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from convscope_server.images import decode, pixels_to_input, to_model_input
+from convscope_server.onnx.loading import inside
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class Item:
+    index: int
+    id: str
+    label: str
+    load: Callable[[], np.ndarray]   # -> one model-input sample; raises ServiceError when unusable
+    path: Path | None = None         # folder items: the file (patch scans re-read only the winners)
+
+
+@dataclass
+class Batch:
+    indices: list[int]
+    ids: list[str]
+    labels: list[str]
+    inputs: np.ndarray               # (B, ...) model inputs
+    paths: list[Path | None]
+
+
+@dataclass
+class ItemFailure:
+    index: int
+    id: str
+    reason: str
+
+
+class DataRoot:
+    """The folder whose sub-folders are datasets. ``None`` (no data root) refuses every dataset name."""
+
+    def __init__(self, root: Path | None):
+        self.root = Path(root) if root else None
+
+    def folder(self, name: str, field: str = "source.dataset") -> Path:
+        """Resolve a dataset name to its folder, confined to the data root."""
+        if self.root is None or not self.root.is_dir():
+            raise InvalidArgument(field, "this server has no data root (--data-root); stream the images instead")
+        if not name or name.startswith(("/", "\\")) or Path(name).is_absolute():
+            raise InvalidArgument(field, f"{name!r}: give a folder name relative to the data root")
+        if ".." in Path(name).parts:
+            raise InvalidArgument(field, f"{name!r}: '..' is not allowed; datasets are folders under the data root")
+        folder = self.root / name
+        if not inside(folder, self.root):
+            raise InvalidArgument(field, f"{name!r} resolves outside the data root: refused")
+        if not folder.is_dir():
+            raise NotFound(field, "dataset", name, [d.name for d in self.summaries()])
+        return folder
+
+    def summaries(self) -> list:
+        """(name, image count, labels) of every top-level dataset folder."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        found = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not inside(folder, self.root):
+                continue
+            labels = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            found.append(DatasetSummary(folder.name, count_images(folder), labels))
+        return found
+
+
+@dataclass
+class DatasetSummary:
+    name: str
+    images: int
+    labels: list[str]
+
+
+def _image_files(folder: Path) -> Iterator[Path]:
+    """Image files under ``folder`` in sorted path order, without listing the whole tree at once."""
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(current) / name
+
+
+def count_images(folder: Path) -> int:
+    return sum(1 for _ in _image_files(folder))
+
+
+def folder_items(folder: Path, root: Path, config, max_pixels: int) -> Iterator[Item]:
+    """The images of a dataset folder as lazily decoded items."""
+    for index, path in enumerate(_image_files(folder)):
+        relative = path.relative_to(folder)
+        label = relative.parts[0] if len(relative.parts) > 1 else ""
+        yield Item(index, relative.as_posix(), label, functools.partial(load_file, path, root, config, max_pixels),
+                   path)
+
+
+def load_file(path: Path, root: Path, config, max_pixels: int) -> np.ndarray:
+    """One dataset file as a model input; files resolving outside ``root`` (symlinks) are refused."""
+    if not inside(path, root):
+        raise InvalidArgument("file", "resolves outside the data root: refused")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InvalidArgument("file", f"cannot read: {error.strerror or error}") from None
+    return pixels_to_input(decode(data, "image", max_pixels), config)
+
+
+def stream_items(messages: Iterable, config, max_pixels: int) -> Iterator[Item]:
+    """Streamed ``*Request`` messages after the spec: each must carry an ``item``."""
+    for index, message in enumerate(messages):
+        if message.WhichOneof("part") != "item":
+            raise InvalidArgument(f"requests[{index + 1}]", "only the first message carries a spec; the rest "
+                                  "must be items")
+        item = message.item
+        yield Item(index, item.id or str(index), item.label, _message_loader(item, config, max_pixels))
+
+
+def _message_loader(item, config, max_pixels: int) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        if not item.HasField("image"):
+            raise InvalidArgument("image", "required")
+        return to_model_input(item.image, config, "image", max_pixels)
+    return load
+
+
+def limited(items: Iterator[Item], limit: int, max_images: int) -> Iterator[Item]:
+    """Stop after ``limit`` items (0: none given); more than ``max_images`` is RESOURCE_EXHAUSTED."""
+    for item in items:
+        if limit and item.index >= limit:
+            return
+        if item.index >= max_images:
+            raise ResourceExhausted(f"the scan is over the server's limit of {max_images} images "
+                                    "(--max-scan-images); set source.limit or scan a smaller set")
+        yield item
+
+
+def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure], None],
+            should_stop: Callable[[], bool], depth: int = 2) -> Iterator[Batch]:
+    """Decode items ``size`` at a time in a background thread, ``depth`` batches ahead. Unusable items go
+    to ``on_failure`` and are left out. Stops early (and lets the reader thread finish) when
+    ``should_stop()`` turns true or the consumer stops iterating."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    done = threading.Event()
+
+    def put(value) -> bool:
+        while not done.is_set():
+            try:
+                ready.put(value, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            pending: list[tuple[Item, np.ndarray]] = []
+            for item in items:
+                if done.is_set() or should_stop():
+                    break
+                try:
+                    pending.append((item, item.load()))
+                except ServiceError as error:
+                    on_failure(ItemFailure(item.index, item.id, str(error)))
+                    continue
+                if len(pending) == size:
+                    if not put(_stack(pending)):
+                        return
+                    pending = []
+            if pending and not put(_stack(pending)):
+                return
+            put(None)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            put(error)
+
+    reader = threading.Thread(target=read, name="convscope-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            try:
+                value = ready.get(timeout=0.2)
+            except queue.Empty:
+                if should_stop() or (not reader.is_alive() and ready.empty()):
+                    return
+                continue
+            if value is None:
+                return
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+            if should_stop():
+                return
+    finally:
+        done.set()
+
+
+def _stack(pending: list[tuple[Item, np.ndarray]]) -> Batch:
+    return Batch([item.index for item, _ in pending], [item.id for item, _ in pending],
+                 [item.label for item, _ in pending], np.stack([x for _, x in pending]),
+                 [item.path for item, _ in pending])

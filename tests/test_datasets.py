@@ -1,0 +1,210 @@
+"""DatasetService: maximally-activating patches against brute-force numpy, datasets, bad input, cancel."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from convscope import Client, InvalidArgument, NotFound, ResourceExhausted
+from conftest import png_bytes, start
+from tiny_models import HAND_RECEPTIVE_FIELDS, SIZE
+
+MODEL = "efficientnet_lite0"
+LITE0_BLOCK3 = "/_blocks.3/Clip_1_output_0"   # (N, 144, 28, 28), receptive field 35, jump 8, start 7
+
+
+def random_images(count: int, seed: int = 0, size: int = SIZE) -> list[np.ndarray]:
+    """Smooth random pictures (blocky noise): varied activations, a few exact ties after ReLU6."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)
+        images.append(coarse.repeat(4, axis=0).repeat(4, axis=1))
+    return images
+
+
+def brute_force_top(activations: np.ndarray, k: int):
+    """(N, C, H, W) or (N, C) -> per channel the k (image, flat position, value) with the largest per-image
+    maximum, ties to the earlier image: every activation held at once."""
+    n, c = activations.shape[:2]
+    flat = activations.reshape(n, c, -1)
+    best = flat.max(axis=2)
+    where = flat.argmax(axis=2)
+    hits = {}
+    for channel in range(c):
+        order = np.lexsort((np.arange(n), -best[:, channel]))[:k]
+        hits[channel] = [(int(i), int(where[i, channel]), float(best[i, channel])) for i in order]
+    return hits
+
+
+def hand_box(layer: str, position: int, grid_width: int, size: int = SIZE):
+    rf, jump, start = HAND_RECEPTIVE_FIELDS[layer]
+    row, col = divmod(position, grid_width)
+
+    def axis(unit):
+        centre = start + unit * jump
+        low, high = np.floor(centre - (rf - 1) / 2 + 0.5), np.floor(centre + (rf - 1) / 2 + 0.5)
+        return max(0, int(low)), min(size, int(high) + 1)
+
+    (top, bottom), (left, right) = axis(row), axis(col)
+    return top, left, bottom, right
+
+
+@pytest.mark.parametrize("layer", ["/conv2/Conv_output_0", "/Add_output_0"])
+def test_top_patches_equal_brute_force_on_streamed_images(client, layer):
+    images = random_images(48)
+    k = 5
+    scan = client.top_patches("tiny", layer, images, k=k, patches=True, render=True)
+    values = np.concatenate([client.activations("tiny", images[i: i + 16], [layer])[layer].values
+                             for i in range(0, len(images), 16)])
+    expected = brute_force_top(values, k)
+    grid_width = values.shape[3]
+    assert scan.images == 48 and scan.skipped == 0 and set(scan.channels) == set(range(values.shape[1]))
+    for channel, hits in scan.channels.items():
+        assert [(h.index, h.row * grid_width + h.col, h.value) for h in hits] == expected[channel]
+        for hit in hits:
+            assert hit.id == str(hit.index)
+            assert hit.box == hand_box(layer, hit.row * grid_width + hit.col, grid_width)
+            top, left, bottom, right = hit.box
+            assert hit.patch.shape == (bottom - top, right - left, 3)
+            source = images[hit.index][top:bottom, left:right].astype(int)
+            assert np.abs(hit.patch.astype(int) - source).max() <= 1  # display image = pixels back from the input
+    assert scan.grid_png.startswith(b"\x89PNG") and len(scan.grid_channels) == min(16, values.shape[1])
+
+
+@pytest.mark.parametrize("layer", ["logits", "/GlobalAveragePool_output_0"])
+def test_top_patches_of_a_non_spatial_layer_are_whole_images(client, layer):
+    images = random_images(20, seed=3)
+    scan = client.top_patches("tiny", layer, images, k=3)
+    values = client.activations("tiny", images, [layer])[layer].values
+    expected = brute_force_top(values.reshape(20, -1), 3)
+    for channel, hits in scan.channels.items():
+        assert [(h.index, 0, h.value) for h in hits] == expected[channel]
+        assert all(h.box == (0, 0, SIZE, SIZE) for h in hits)
+
+
+def test_top_patches_on_the_demo_dataset_folder(client, data_root):
+    channels = [0, 7, 21, 100]
+    scan = client.top_patches(MODEL, LITE0_BLOCK3, dataset="demo", k=4, channels=channels, patches=True,
+                              render=True)
+    files = sorted(p for p in (data_root / "demo").rglob("*.jpg"))
+    assert scan.images == len(files) == 68 and scan.skipped == 0
+    values = np.concatenate([client.activations(MODEL, [f.read_bytes() for f in files[i: i + 32]],
+                                                [LITE0_BLOCK3])[LITE0_BLOCK3].values for i in range(0, 68, 32)])
+    expected = brute_force_top(values[:, channels], 4)
+    for column, channel in enumerate(channels):
+        hits = scan.channels[channel]
+        assert [h.index for h in hits] == [e[0] for e in expected[column]]
+        assert [h.row * 28 + h.col for h in hits] == [e[1] for e in expected[column]]
+        np.testing.assert_allclose([h.value for h in hits], [e[2] for e in expected[column]], rtol=1e-5)
+        for hit in hits:
+            assert hit.id == files[hit.index].relative_to(data_root / "demo").as_posix()
+            top, left, bottom, right = hit.box
+            centre = 7 + 8 * np.array([hit.row, hit.col])  # receptive field 35, jump 8, start 7
+            assert (top, left) == tuple(np.maximum(centre - 17, 0))
+            assert (bottom, right) == tuple(np.minimum(centre + 18, 224))
+            assert hit.patch.shape == (bottom - top, right - left, 3)
+    assert scan.grid_channels == channels
+
+
+def test_streamed_items_keep_ids_and_unreadable_ones_are_reported_and_skipped(client):
+    good = random_images(6, seed=5)
+    items = [("first", good[0]), ("junk", b"not an image"), ("second", good[1]),
+             ("wrong-shape", np.zeros((3, 5, 5), np.float32)), ("third", good[2])] + [
+        (f"more-{i}", image) for i, image in enumerate(good[3:])]
+    reported = []
+    scan = client.top_patches("tiny", "/conv3/Conv_output_0", items, k=2, on_item_error=reported.append)
+    assert scan.images == 8 and scan.skipped == 2
+    assert [(e.index, e.id) for e in scan.errors] == [(1, "junk"), (3, "wrong-shape")] == \
+        [(e.index, e.id) for e in reported]
+    assert "cannot decode" in scan.errors[0].reason and "shape" in scan.errors[1].reason
+    clean = client.top_patches("tiny", "/conv3/Conv_output_0", good, k=2)
+    names = ["first", "second", "third", "more-0", "more-1", "more-2"]
+    for channel, hits in scan.channels.items():
+        assert [h.id for h in hits] == [names[h.index] for h in clean.channels[channel]]
+        assert [h.value for h in hits] == [h.value for h in clean.channels[channel]]
+
+
+def test_dataset_folder_with_unreadable_files_and_a_symlink_out(client):
+    scan = client.top_patches("tiny", "/conv3/Conv_output_0", dataset="broken", k=3)
+    assert scan.images == 5 and scan.skipped == 3
+    reasons = {e.id: e.reason for e in scan.errors}
+    assert set(reasons) == {"b_corrupt.jpg", "c_truncated.png", "d_escape.png"}
+    assert "outside the data root" in reasons["d_escape.png"]
+    assert {h.id for hits in scan.channels.values() for h in hits} <= {"a_good.png", "e_good.png"}
+
+
+def test_datasets_are_listed(client):
+    found = {d.name: d for d in client.datasets()}
+    assert found["demo"].images == 68 and len(found["demo"].labels) == 17 and "cat" in found["demo"].labels
+    assert "linked" not in found  # resolves outside the data root
+
+
+@pytest.mark.parametrize("dataset, error, match", [
+    ("../outside", InvalidArgument, "'..' is not allowed"),
+    ("/etc", InvalidArgument, "relative to the data root"),
+    ("linked", InvalidArgument, "outside the data root"),
+    ("dem", NotFound, "did you mean 'demo'"),
+])
+def test_dataset_paths_outside_the_root_are_refused(client, dataset, error, match):
+    with pytest.raises(error, match=match) as caught:
+        client.top_patches("tiny", "/conv3/Conv_output_0", dataset=dataset)
+    assert "source.dataset" in str(caught.value)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"k": 101}, ResourceExhausted, "spec.k: 101 is over"),
+    ({"k": -1}, InvalidArgument, "spec.k"),
+    ({"channels": [16]}, InvalidArgument, r"spec.channels\[0\]: 16 is outside"),
+    ({"layer": "/pool/MaxPool_outptu_0"}, NotFound, "did you mean"),
+    ({"layer": ""}, InvalidArgument, "spec.layer: required"),
+    ({"model": "nope"}, NotFound, "spec.model"),
+    ({"limit": 10**9}, ResourceExhausted, "max-scan-images"),
+])
+def test_top_patches_bad_spec(client, kwargs, error, match):
+    args = {"model": "tiny", "layer": "/conv3/Conv_output_0", **kwargs}
+    with pytest.raises(error, match=match):
+        client.top_patches(args.pop("model"), args.pop("layer"), random_images(2), **args)
+
+
+def test_scan_size_limits(repository, data_root):
+    small = start(repository, data_root=data_root, max_scan_images=10)
+    try:
+        with Client(small.address, timeout=60) as c:
+            with pytest.raises(ResourceExhausted, match="holds 68 images, over the server's limit of 10"):
+                c.top_patches("tiny", "/conv3/Conv_output_0", dataset="demo")
+            assert c.top_patches("tiny", "/conv3/Conv_output_0", dataset="demo", limit=10).images == 10
+            with pytest.raises(ResourceExhausted, match="over the server's limit of 10 images"):
+                c.top_patches("tiny", "/conv3/Conv_output_0", random_images(12))
+            assert c.predict("tiny", random_images(1)[0], top=1)  # still serving
+    finally:
+        small.stop(0)
+
+
+def test_cancelling_a_scan_stops_it_and_frees_its_table(client):
+    from convscope_server.forward.patches import TopActivations
+
+    def endless():
+        seed = 0
+        while True:
+            seed += 1
+            yield random_images(1, seed=seed)[0]
+
+    def stop(step, total, stage):
+        if step >= 64:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        client.top_patches("tiny", "/conv3/Conv_output_0", endless(), k=4, progress=stop)
+    deadline = time.monotonic() + 15
+    names = ("convscope-job", "convscope-reader")
+    while any(t.name in names for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(t.name in names for t in threading.enumerate())
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is TopActivations]
+    assert client.predict("tiny", png_bytes(random_images(1)[0]), top=1)
