@@ -181,3 +181,55 @@ class DatasetMethods:
                              for h in c.hits] for c in r.channels}
         return TopPatches(r.layer, r.images, r.skipped, found, r.grid_png, list(r.grid_channels), errors,
                           r.execution_provider)
+
+    def build_gallery(self, name: str, model: str, images=None, *, dataset: str = "", layer: str = "",
+                      limit: int = 0, thumbnail_size: int = 0, overwrite: bool = False, progress=None,
+                      on_item_error=None, timeout: float | None = SCAN_TIMEOUT) -> Gallery:
+        """Store one code per image (``layer``'s activations; default the penultimate layer) and a thumbnail
+        as the server-side gallery ``name``, from ``images`` (streamed) or the server's ``dataset``."""
+        errors: list[ItemError] = []
+
+        def item_error(e):
+            errors.append(ItemError(e.index, e.id, e.reason))
+            if on_item_error is not None:
+                on_item_error(errors[-1])
+
+        spec = dataset_pb2.GallerySpec(name=name, model=model, layer=layer, source=_source(images, dataset, limit),
+                                       thumbnail_size=thumbnail_size, overwrite=overwrite)
+        r = self._stream(self._dataset.BuildGallery, _requests(dataset_pb2.BuildGalleryRequest, spec, images),
+                         progress, timeout, item_error=item_error)
+        return _gallery(r, errors)
+
+    def galleries(self) -> list[Gallery]:
+        """Galleries on the server; ``ready`` False with ``error`` for corrupt files or missing models."""
+        r = self._call(self._dataset.ListGalleries, dataset_pb2.ListGalleriesRequest())
+        return [_gallery(g) for g in r.galleries]
+
+    def delete_gallery(self, name: str) -> None:
+        self._call(self._dataset.DeleteGallery, dataset_pb2.DeleteGalleryRequest(name=name))
+
+    def nearest_neighbors(self, gallery: str, image, k: int = 5, *, metric: str = "l2", render: bool = False,
+                          timeout: float | None = None) -> Neighbors:
+        """The ``k`` gallery images nearest to ``image`` by the gallery layer's codes and by raw thumbnail
+        pixels; ``metric`` "l2" or "cosine"."""
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be one of {list(_METRICS)}")
+        r = self._call(self._dataset.NearestNeighbors, dataset_pb2.NearestNeighborsRequest(
+            gallery=gallery, image=to_image_message(image), k=k, metric=_METRICS[metric], render=render), timeout)
+        return Neighbors(_neighbors(r.feature), _neighbors(r.pixel), r.query_predicted, r.query_predicted_label,
+                         r.grid_png)
+
+    def embedding(self, gallery: str, method: str = "tsne", *, perplexity: float = 0.0, iterations: int = 0,
+                  seed: int = 0, max_points: int = 0, render: bool = False, grid_size: int = 0, progress=None,
+                  timeout: float | None = SCAN_TIMEOUT) -> Embedding:
+        """2-D ``method`` ("tsne" or "pca") embedding of a gallery's codes; with ``render``, a scatter plot
+        coloured by predicted class and the t-SNE image grid (``grid_size`` cells per side)."""
+        if method not in _EMBEDDINGS:
+            raise ValueError(f"method must be one of {list(_EMBEDDINGS)}")
+        r = self._stream(self._dataset.Embed, dataset_pb2.EmbedRequest(
+            gallery=gallery, method=_EMBEDDINGS[method], perplexity=perplexity, iterations=iterations, seed=seed,
+            max_points=max_points, render=render, grid_size=grid_size), progress, timeout)
+        return Embedding(r.method, from_tensor(r.coordinates).copy(), list(r.indices), list(r.ids),
+                         list(r.predicted), list(r.labels),
+                         from_tensor(r.explained_variance_ratio).copy() if r.HasField("explained_variance_ratio")
+                         else None, r.kl_divergence, r.scatter_png, r.grid_png)

@@ -30,6 +30,7 @@ from convscope_server.api.synthesis_service import SynthesisService
 from convscope_server.api.model_service import ModelService
 from convscope_server.config import ServerConfig
 from convscope_server.datasets import DataRoot
+from convscope_server.galleries import GalleryStore
 from convscope_server.errors import ErrorInterceptor, TokenInterceptor
 from convscope_server.gradient.bridge import TorchBridges
 from convscope_server.repository import ModelRepository
@@ -88,7 +89,9 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     attribution_pb2_grpc.add_AttributionServiceServicer_to_server(AttributionService(repository, bridges, config),
                                                                   server)
     synthesis_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisService(repository, bridges, config), server)
-    datasets = DatasetService(repository, DataRoot(config.data_root), config)
+    galleries = GalleryStore(config.gallery_root)
+    galleries.load_all()
+    datasets = DatasetService(repository, DataRoot(config.data_root), galleries, config)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True,

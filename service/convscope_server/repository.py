@@ -27,6 +27,7 @@ config.toml (every key optional; what is missing is inferred from the graph and 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import threading
 import tomllib
@@ -95,6 +96,11 @@ class LoadedModel:
             return self._layer_index[name]
         except KeyError:
             raise NotFound(field_name, "layer", name, [layer.name for layer in self.layers]) from None
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of the served graph: galleries record it, to notice a model file replaced under them."""
+        return hashlib.sha256(self.proto.SerializeToString(deterministic=True)).hexdigest()
 
     @functools.cached_property
     def constants(self) -> dict:

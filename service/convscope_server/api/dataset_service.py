@@ -8,11 +8,15 @@ from convscope.v1 import dataset_pb2, dataset_pb2_grpc, tensor_pb2
 from convscope_server import render
 from convscope_server.datasets import (DataRoot, batches, count_images, folder_items, limited, load_file,
                                        stream_items)
-from convscope_server.errors import InvalidArgument, ResourceExhausted
+from convscope_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from convscope_server.forward import activations as acts
+from convscope_server.forward import embedding as embed
 from convscope_server.forward import patches as top
 from convscope_server.forward.backend import OrtBackend
-from convscope_server.api.common import positive
+from convscope_server.forward.neighbors import neighbor_grid, nearest, thumbnail
+from convscope_server.galleries import GalleryStore
+from convscope_server.onnx.graph import classifier_input
+from convscope_server.api.common import positive, single_input
 from convscope_server.api.streaming import stream_job
 from convscope_server.tensors import to_tensor
 
@@ -81,9 +85,10 @@ def channel_count(layer, field: str) -> int:
 
 
 class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
-    def __init__(self, repository, data_root: DataRoot, limits):
+    def __init__(self, repository, data_root: DataRoot, galleries: GalleryStore, limits):
         self.repository = repository
         self.data_root = data_root
+        self.galleries = galleries
         self.limits = limits
 
     def _model(self, name: str, field: str):
@@ -209,3 +214,196 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             result.grid_png = render.png(top.patch_grid([crops[c] for c in shown], tile))
             result.grid_channels.extend(int(table.channels[c]) for c in shown)
         return result
+
+    # -- galleries ----------------------------------------------------------------------------------------
+    def BuildGallery(self, requests, context):
+        spec = first_spec(requests, "BuildGallery")
+        model = self._model(spec.model, "spec.model")
+        name = spec.layer or classifier_input(model.proto, model.config.logits_output)
+        if not name:
+            raise InvalidArgument("spec.layer", "the model has no penultimate layer to default to; name one")
+        layer = model.layer(name, "spec.layer")
+        dim = int(np.prod(layer.shape[1:])) if len(layer.shape) > 1 and min(layer.shape[1:]) > 0 else 0
+        if dim <= 0:
+            raise InvalidArgument("spec.layer", f"{layer.name!r} has shape {list(layer.shape)}: a code needs a "
+                                  "fixed size per image")
+        side = positive(spec.thumbnail_size, 64, "spec.thumbnail_size")
+        if side > 256:
+            raise InvalidArgument("spec.thumbnail_size", f"{side} is over 256 pixels")
+        source = ScanSource(spec.source, requests, model, self.data_root, self.limits)
+        self.galleries.begin(spec.name, spec.overwrite)
+        backend = OrtBackend(model, self.limits.ort_batch)
+        outputs = [layer.name, model.config.logits_output]
+
+        def work(progress, should_stop, emit):
+            writer, published = None, False
+            try:
+                writer = self.galleries.writer(dim, side)
+                failures = 0
+                for batch in batches(source.items, self.limits.ort_batch,
+                                     lambda failure: emit("item_error", failure), should_stop):
+                    values = backend.tensors(batch.inputs, outputs)
+                    thumbs = [thumbnail(render.display_image(x, model.config), side) for x in batch.inputs]
+                    writer.add(values[layer.name].reshape(len(batch.inputs), -1), np.stack(thumbs), batch.ids,
+                               batch.labels, values[model.config.logits_output].reshape(len(batch.inputs), -1)
+                               .argmax(axis=1))
+                    failures = batch.indices[-1] + 1 - len(writer.ids)
+                    progress(batch.indices[-1] + 1, source.total, "encoding")
+                if should_stop():
+                    return None
+                if not writer.ids:
+                    raise InvalidArgument("spec.source", "no readable images: the gallery would be empty")
+                progress(len(writer.ids) + failures, source.total, "writing")
+                meta = {"model": model.name, "model_fingerprint": model.fingerprint, "layer": layer.name,
+                        "source": source.name}
+                gallery = self.galleries.finish(spec.name, writer, meta)
+                published = True
+                return gallery
+            finally:
+                if not published:  # failed or stopped: drop the temporary files, free the name
+                    if writer is not None:
+                        writer.discard()
+                    self.galleries.finish(spec.name, None, None)
+
+        for kind, value in stream_job(context, work, self.limits.max_job_seconds, emits=True):
+            if kind == "progress":
+                yield dataset_pb2.BuildGalleryEvent(progress=_progress(value[0], value[1], value[2]))
+            elif kind == "item_error":
+                yield dataset_pb2.BuildGalleryEvent(item_error=_item_error(value))
+            elif value is not None:
+                yield dataset_pb2.BuildGalleryEvent(result=self._info(value.name))
+
+    def _info(self, name: str) -> dataset_pb2.GalleryInfo:
+        gallery, error = self.galleries.status(name)
+        if gallery is None:
+            return dataset_pb2.GalleryInfo(name=name, ready=False, error=error)
+        h = gallery.header
+        info = dataset_pb2.GalleryInfo(name=name, ready=True, model=h["model"], layer=h["layer"], size=gallery.size,
+                                       dim=h["dim"], thumbnail_size=h["thumbnail_size"], source=h["source"],
+                                       created=h["created"], file_bytes=gallery.path.stat().st_size)
+        problem = self._model_problem(gallery)
+        if problem:
+            info.ready, info.error = False, problem
+        return info
+
+    def _model_problem(self, gallery) -> str:
+        model, error = self.repository.status(gallery.header["model"])
+        if model is None:
+            return f"its model {gallery.header['model']!r} is not loaded" + (f": {error}" if error else "")
+        if model.fingerprint != gallery.header["model_fingerprint"]:
+            return (f"it was built from a different version of model {model.name!r}; rebuild it "
+                    "(BuildGallery with overwrite)")
+        return ""
+
+    def ListGalleries(self, request, context):
+        return dataset_pb2.ListGalleriesResponse(galleries=[self._info(n) for n in self.galleries.names()])
+
+    def DeleteGallery(self, request, context):
+        self.galleries.delete(request.name)
+        return dataset_pb2.DeleteGalleryResponse()
+
+    def _ready_gallery(self, name: str):
+        gallery = self.galleries.get(name)
+        problem = self._model_problem(gallery)
+        if problem:
+            raise FailedPrecondition(f"gallery: {name!r} cannot be used: {problem}")
+        return gallery, self.repository.get(gallery.header["model"])
+
+    def NearestNeighbors(self, request, context):
+        gallery, model = self._ready_gallery(request.gallery)
+        k = positive(request.k, 5, "k")
+        if k > self.limits.max_top_k:
+            raise ResourceExhausted(f"k: {k} is over the server's limit of {self.limits.max_top_k} (--max-top-k)")
+        metric = {dataset_pb2.METRIC_L2: "l2", dataset_pb2.METRIC_COSINE: "cosine"}.get(request.metric)
+        if metric is None:
+            raise InvalidArgument("metric", f"unknown metric {request.metric}")
+        sample = single_input(model, request, self.limits)
+        layer, logits = gallery.header["layer"], model.config.logits_output
+        values = OrtBackend(model).tensors(sample[None], [layer, logits])
+        side = gallery.header["thumbnail_size"]
+        query_thumb = thumbnail(render.display_image(sample, model.config), side)
+        predicted = int(values[logits].reshape(-1).argmax())
+        response = dataset_pb2.NearestNeighborsResponse(query_predicted=predicted,
+                                                        query_predicted_label=model.label(predicted))
+        found = {}
+        for space, data, query in (("feature", gallery.codes, values[layer].reshape(-1)),
+                                   ("pixel", gallery.thumbnails.reshape(gallery.size, -1), query_thumb.reshape(-1))):
+            indices, distances = nearest(data, gallery.squared_norms(space), query, k, metric)
+            found[space] = indices
+            getattr(response, space).extend(
+                dataset_pb2.Neighbor(index=int(i), id=gallery.ids[i], label=gallery.labels[i],
+                                     predicted=gallery.predicted[i], distance=float(d))
+                for i, d in zip(indices, distances))
+        if request.render:
+            rows = [[np.asarray(gallery.thumbnails[i]) for i in found[space]] for space in ("feature", "pixel")]
+            response.grid_png = render.png(neighbor_grid(query_thumb, rows))
+        return response
+
+    # -- embeddings ---------------------------------------------------------------------------------------
+    def Embed(self, request, context):
+        gallery = self.galleries.get(request.gallery)
+        method = {dataset_pb2.EMBED_TSNE: "tsne", dataset_pb2.EMBED_PCA: "pca"}.get(request.method)
+        if method is None:
+            raise InvalidArgument("method", f"unknown method {request.method}")
+        if request.max_points < 0:
+            raise InvalidArgument("max_points", f"must be >= 0, got {request.max_points}")
+        count = min(gallery.size, request.max_points) if request.max_points else gallery.size
+        if count > self.limits.max_embed_points:
+            raise ResourceExhausted(f"gallery: {count} points is over the server's limit of "
+                                    f"{self.limits.max_embed_points} per embedding (--max-embed-points); set "
+                                    "max_points to embed a random subset")
+        if count < 4:
+            raise InvalidArgument("gallery", f"{request.gallery!r} has {count} images; an embedding needs 4 or more")
+        iterations = positive(request.iterations, 750, "iterations")
+        if iterations > self.limits.max_steps:
+            raise ResourceExhausted(f"iterations: {iterations} is over the server's limit of {self.limits.max_steps}")
+        if iterations < 50:
+            raise InvalidArgument("iterations", f"{iterations} is too few; give 50 or more")
+        if request.perplexity < 0:
+            raise InvalidArgument("perplexity", f"must be positive, got {request.perplexity}")
+        perplexity = min(request.perplexity or 30.0, (count - 1) / 3)
+        grid = positive(request.grid_size, 20, "grid_size")
+        if not 2 <= grid <= 48:
+            raise InvalidArgument("grid_size", f"{grid} cells per side; give 2 to 48")
+        rng = np.random.default_rng(request.seed)
+        indices = (np.sort(rng.choice(gallery.size, count, replace=False)) if count < gallery.size
+                   else np.arange(gallery.size))
+        model, _ = self.repository.status(gallery.header["model"])
+
+        def name(c: int) -> str:
+            return model.label(c) if model is not None else f"class {c}"
+
+        def work(progress, should_stop):
+            codes = np.asarray(gallery.codes[indices])
+            result = dataset_pb2.EmbedResult(method=method, indices=indices.tolist(),
+                                             ids=[gallery.ids[i] for i in indices],
+                                             predicted=[gallery.predicted[i] for i in indices],
+                                             labels=[gallery.labels[i] for i in indices])
+            if method == "pca":
+                coordinates, ratio = embed.pca(codes, request.seed)
+                to_tensor(ratio.astype(np.float32), out=result.explained_variance_ratio)
+            else:
+                try:
+                    coordinates, result.kl_divergence = embed.tsne(
+                        codes, perplexity, iterations, request.seed,
+                        lambda step, total, kl: progress(step, total, "t-SNE", kl), should_stop)
+                except embed.Stopped:
+                    return None
+            to_tensor(coordinates, out=result.coordinates)
+            if request.render:
+                classes = list(result.predicted)
+                title = f"{method.upper()} of {gallery.name} ({gallery.header['layer']}), colour: predicted class"
+                result.scatter_png = render.png(embed.scatter(coordinates, classes, name, title))
+                shown = (np.sort(rng.choice(count, grid * grid, replace=False)) if count > grid * grid
+                         else np.arange(count))
+                cells = embed.snap_to_grid(coordinates[shown], grid)
+                thumbs = [np.asarray(gallery.thumbnails[indices[i]]) for i in shown]
+                result.grid_png = render.png(embed.image_grid(thumbs, cells, grid))
+            return result
+
+        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
+            if kind == "progress":
+                yield dataset_pb2.EmbedEvent(progress=tensor_pb2.Progress(step=value[0], total=value[1],
+                                                                         stage=value[2], loss=value[3]))
+            elif value is not None:
+                yield dataset_pb2.EmbedEvent(result=value)

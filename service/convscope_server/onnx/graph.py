@@ -105,6 +105,16 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, tuple[str, tuple[int, ...]
     return table
 
 
+def classifier_input(model: onnx.ModelProto, logits_output: str) -> str | None:
+    """The tensor the logits are computed from (the penultimate layer): the first input of the node making
+    ``logits_output``, looking through Identity nodes."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get(logits_output)
+    while node is not None and node.op_type == "Identity":
+        node = producers.get(node.input[0])
+    return node.input[0] if node is not None and node.input else None
+
+
 def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Initializers and Constant-node outputs, as arrays."""
     values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
