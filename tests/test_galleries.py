@@ -250,3 +250,34 @@ def test_cancelling_a_gallery_build_leaves_nothing(client, server):
     assert "cancelled" not in {g.name for g in client.galleries()}
     assert not [p for p in server.config.gallery_root.iterdir() if p.name.startswith(".")]
     assert client.build_gallery("cancelled", "tiny", random_images(3)).size == 3  # the name is free again
+
+
+def test_cli_dataset_commands(server, tmp_path, capsys):
+    from convscope.cli import main
+
+    photos = tmp_path / "photos"
+    for label, seed in (("noise", 1), ("blocks", 2)):
+        (photos / label).mkdir(parents=True)
+        for i, image in enumerate(random_images(4, seed=seed, size=40)):
+            Image.fromarray(image).save(photos / label / f"{i}.png")
+    base = ["--server", server.address]
+    assert main(base + ["datasets"]) == 0
+    assert "demo" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert main(base + ["patches", MODEL, "/_blocks.5/Clip_1_output_0", "--dataset", "demo", "--k", "4",
+                        "--rows", "6", "--out", str(out / "patches")]) == 0
+    assert "68 images scanned" in capsys.readouterr().out
+    assert (out / "patches" / "index.html").exists() and (out / "patches" / "patches.json").exists()
+    assert main(base + ["gallery", "build", "cli-tiny", "tiny", str(photos), "--overwrite"]) == 0
+    assert "gallery cli-tiny: 8 images" in capsys.readouterr().out
+    assert main(base + ["gallery", "list"]) == 0
+    assert "cli-tiny" in capsys.readouterr().out
+    query = photos / "noise" / "0.png"
+    assert main(base + ["neighbors", "cli-tiny", str(query), "--k", "3", "--out", str(out / "nn")]) == 0
+    printed = capsys.readouterr().out
+    assert f"{query.as_posix()}" in printed and "noise" in printed
+    assert main(base + ["embed", "cli-tiny", "--method", "pca", "--grid", "3", "--out", str(out / "embed")]) == 0
+    assert (out / "embed" / "pca_coordinates.csv").read_text().count("\n") == 9
+    assert main(base + ["gallery", "delete", "cli-tiny"]) == 0
+    assert main(base + ["patches", MODEL, "/nope", "--dataset", "demo"]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err

@@ -16,6 +16,7 @@
     convscope deepdream efficientnet_lite0 cat.jpg --layer /_blocks.5/Clip_1_output_0 --out out/
     convscope style efficientnet_lite0 --style starry.jpg --content cat.jpg --style-layer L ... --out out/
     convscope adversarial efficientnet_lite0 cat.jpg [--target 967] --out out/
+    convscope datasets | patches | gallery | neighbors | embed ...   (see convscope.dataset_cli)
 
 Commands with --out write PNGs and an index.html that shows them; long jobs show a progress bar.
 """
@@ -489,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     adv = image_command(commands, "adversarial", "FGSM, or targeted fooling with --target", cmd_adversarial)
     adv.add_argument("--epsilon", type=float, default=0.0, help="L-inf size in [0, 1] pixel units")
     adv.add_argument("--steps", type=int, default=0, help="targeted: most steps (default 100)")
+
+    from convscope.dataset_cli import add_commands  # it imports this module's helpers
+
+    add_commands(commands)
     return parser
 
 

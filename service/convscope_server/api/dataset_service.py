@@ -210,7 +210,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             if spec.channels:
                 shown = list(range(len(table.channels)))[:render_channels]
             else:
-                shown = np.argsort(-table.values[0], kind="stable")[:render_channels].tolist()
+                # The channels whose k hits are strongest on average (ReLU6 layers tie at 6 on top values).
+                shown = np.argsort(-table.values.mean(axis=0), kind="stable")[:render_channels].tolist()
             result.grid_png = render.png(top.patch_grid([crops[c] for c in shown], tile))
             result.grid_channels.extend(int(table.channels[c]) for c in shown)
         return result
@@ -392,7 +393,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             to_tensor(coordinates, out=result.coordinates)
             if request.render:
                 classes = list(result.predicted)
-                title = f"{method.upper()} of {gallery.name} ({gallery.header['layer']}), colour: predicted class"
+                title = (f"{'PCA' if method == 'pca' else 't-SNE'} of {gallery.name} ({gallery.header['layer']}), "
+                         "colour: predicted class")
                 result.scatter_png = render.png(embed.scatter(coordinates, classes, name, title))
                 shown = (np.sort(rng.choice(count, grid * grid, replace=False)) if count > grid * grid
                          else np.arange(count))
