@@ -19,4 +19,6 @@ COPY service service
 RUN pip install --no-cache-dir ".[server,gradient,${ORT}]"
 COPY --from=model /src/models /models
 EXPOSE 50051
-ENTRYPOINT ["convscope-server", "--repository", "/models", "--port", "50051"]
+RUN mkdir -p /datasets /galleries
+ENTRYPOINT ["convscope-server", "--repository", "/models", "--port", "50051", "--data-root", "/datasets", \
+            "--gallery-root", "/galleries"]

@@ -1,7 +1,8 @@
 """The demo: start convscope-server on the repository, then use the CLI and the library against it.
 
 Writes scikit-image's bundled sample photos to demo-output/, lists and describes the default model,
-classifies the photos through the running server, and stops the server with SIGTERM.
+classifies the photos through the running server, finds the demo dataset's top patches for a block-5
+layer, builds a gallery and asks for chelsea's nearest neighbours, and stops the server with SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ MODEL = "efficientnet_lite0"
 
 def start_server() -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen([str(BIN / "convscope-server"), "--port", "0", "--host", "127.0.0.1",
-                               "--repository", str(ROOT / "models"), "--log-level", "WARNING"],
+                               "--repository", str(ROOT / "models"), "--data-root", str(ROOT / "datasets"),
+                               "--gallery-root", str(ROOT / "demo-output" / "galleries"), "--log-level", "WARNING"],
                               stdout=subprocess.PIPE, text=True)
     line = server.stdout.readline()
     if "listening on" not in line:
@@ -52,6 +54,10 @@ def main() -> int:
         cli(address, "models")
         cli(address, "describe", MODEL, "--op", "Conv")
         cli(address, "predict", MODEL, *(str((out / f"{n}.png").relative_to(ROOT)) for n in photos), "--top", "3")
+        cli(address, "patches", MODEL, "/_blocks.5/Clip_1_output_0", "--dataset", "demo", "--k", "8", "--rows", "8",
+            "--out", "demo-output/patches")
+        cli(address, "gallery", "build", "demo", MODEL, "--dataset", "demo", "--overwrite")
+        cli(address, "neighbors", "demo", "demo-output/chelsea.png", "--k", "5", "--out", "demo-output/neighbors")
 
         from convscope import Client
 

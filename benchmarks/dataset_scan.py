@@ -1,0 +1,200 @@
+"""Dataset scans: throughput against plain onnxruntime on the same files, peak server memory as N grows,
+and gallery query latency at 50,000 entries against scikit-learn.
+
+1. Makes N distinct JPEGs (augmented crops of the demo photos, 256 px) under a scratch data root.
+2. Throughput: plain = a script that decodes each file with Pillow, preprocesses with numpy and runs the
+   prediction session on batches of 16; convscope = TopPatches over the same folder (every channel of
+   /Clip_1_output_0, k = 9), the server in its own process. Also shown: inference alone on pre-decoded
+   inputs (the floor both sides share).
+3. Memory: a fresh server process per N scans the first N files; its peak RSS (VmHWM) is read from /proc.
+   The same for building a gallery of N codes (streamed to disk as it goes).
+4. Query latency: nearest_neighbors on the 50k gallery (feature and pixel space in one call) against
+   scikit-learn's brute-force NearestNeighbors on the same arrays held in memory.
+
+    .venv/bin/python benchmarks/dataset_scan.py [--sizes 5000 20000 50000] [--throughput 2000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common import ROOT, timed
+
+MODEL = "efficientnet_lite0"
+LAYER = "/Clip_1_output_0"
+
+
+def make_images(folder: Path, count: int, seed: int = 0) -> None:
+    """``count`` distinct augmented crops of the demo photos, 17 label folders, written once."""
+    sys.path.insert(0, str(ROOT / "datasets"))
+    from build_demo import SOURCES, augment, source_photo
+
+    existing = sum(1 for _ in folder.rglob("*.jpg")) if folder.exists() else 0
+    if existing >= count:
+        return
+    rng = np.random.default_rng(seed)
+    photos = {}
+    for label, (kind, name) in SOURCES.items():
+        photo = source_photo(kind, name)
+        photo.thumbnail((360, 360))  # smaller sources: fast augmentation, same kind of pictures
+        photos[label] = photo
+        (folder / label).mkdir(parents=True, exist_ok=True)
+    labels = list(photos)
+    started = time.perf_counter()
+    for n in range(count):
+        label = labels[n % len(labels)]
+        augment(photos[label], rng, 256).save(folder / label / f"{n:06d}.jpg", quality=88)
+        if n % 5000 == 4999:
+            print(f"  made {n + 1} images ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def plain_ort(files: list[Path], batch: int = 16) -> float:
+    """Images per second: Pillow decode + numpy preprocessing + the plain session, batch by batch."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(ROOT / "models" / MODEL / "model.onnx"), providers=["CPUExecutionProvider"])
+    started = time.perf_counter()
+    for begin in range(0, len(files), batch):
+        inputs = []
+        for file in files[begin: begin + batch]:
+            pixels = np.asarray(Image.open(file).convert("RGB").resize((224, 224), Image.BILINEAR), np.float32)
+            inputs.append(((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1))
+        session.run(None, {"input": np.stack(inputs)})
+    return len(files) / (time.perf_counter() - started)
+
+
+def inference_only(batch: int = 16, runs: int = 20) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(ROOT / "models" / MODEL / "model.onnx"), providers=["CPUExecutionProvider"])
+    xs = np.random.default_rng(0).normal(size=(batch, 3, 224, 224)).astype(np.float32)
+    return batch / timed(lambda: session.run(None, {"input": xs}), runs)
+
+
+class ServerProcess:
+    """convscope-server in its own process, so its memory can be read from /proc."""
+
+    def __init__(self, data_root: Path, gallery_root: Path, **flags):
+        args = [str(ROOT / ".venv" / "bin" / "convscope-server"), "--port", "0", "--repository", str(ROOT / "models"),
+                "--data-root", str(data_root), "--gallery-root", str(gallery_root), "--log-level", "WARNING"]
+        for name, value in flags.items():
+            args += ["--" + name.replace("_", "-"), str(value)]
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        self.port = int(re.search(r":(\d+) \(models", line).group(1))
+
+    def memory_mib(self) -> tuple[float, float]:
+        """(current RSS, peak RSS) in MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        values = {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) / 1024 for k in ("VmRSS", "VmHWM")}
+        return values["VmRSS"], values["VmHWM"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
+    parser.add_argument("--throughput", type=int, default=2000, help="images in the throughput comparison")
+    parser.add_argument("--keep", type=Path, default=None, help="reuse / keep the images and galleries here")
+    args = parser.parse_args()
+
+    from convscope import Client
+
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="convscope-bench-"))
+    data_root, galleries = scratch / "data", scratch / "galleries"
+    largest = max(args.sizes + [args.throughput])
+    print(f"images under {data_root / 'many'} ({largest})", flush=True)
+    make_images(data_root / "many", largest)
+    files = sorted((data_root / "many").rglob("*.jpg"))
+    try:
+        # -- throughput --------------------------------------------------------------------------------------
+        subset = files[: args.throughput]
+        for file in subset[:64]:  # warm the page cache for both sides
+            file.read_bytes()
+        plain = plain_ort(subset)
+        server = ServerProcess(data_root, galleries)
+        try:
+            with Client(f"localhost:{server.port}") as client:
+                client.top_patches(MODEL, LAYER, dataset="many", limit=32)  # builds the probe session
+                started = time.perf_counter()
+                client.top_patches(MODEL, LAYER, dataset="many", limit=len(subset))
+                served = len(subset) / (time.perf_counter() - started)
+        finally:
+            server.stop()
+        alone = inference_only()
+        print(f"\nthroughput on {len(subset)} files ({os.cpu_count()} cores)")
+        print(f"  inference alone (pre-decoded, batch 16)     {alone:7.1f} images/s")
+        print(f"  plain: Pillow decode + ORT, batch 16        {plain:7.1f} images/s")
+        print(f"  convscope TopPatches, all 1280 channels     {served:7.1f} images/s   ratio {served / plain:.2f}x")
+
+        # -- memory ----------------------------------------------------------------------------------------
+        print(f"\npeak server RSS (VmHWM), fresh server per row; scan = TopPatches {LAYER} all channels, k=9")
+        print(f"{'images':>8} {'idle RSS':>10} {'scan peak':>10} {'gallery build peak':>19} {'scan s':>8}")
+        for size in args.sizes:
+            server = ServerProcess(data_root, galleries)
+            try:
+                with Client(f"localhost:{server.port}") as client:
+                    idle = server.memory_mib()[0]
+                    started = time.perf_counter()
+                    scan = client.top_patches(MODEL, LAYER, dataset="many", limit=size)
+                    seconds = time.perf_counter() - started
+                    scan_peak = server.memory_mib()[1]
+                    assert scan.images == size
+                    info = client.build_gallery(f"many-{size}", MODEL, dataset="many", limit=size, overwrite=True)
+                    build_peak = server.memory_mib()[1]
+                    assert info.size == size
+            finally:
+                server.stop()
+            print(f"{size:>8} {idle:>8.0f} MB {scan_peak:>7.0f} MB {build_peak:>16.0f} MB {seconds:>8.0f}", flush=True)
+
+        # -- query latency ----------------------------------------------------------------------------------
+        size = max(args.sizes)
+        query = files[-1].read_bytes()
+        server = ServerProcess(data_root, galleries)
+        try:
+            with Client(f"localhost:{server.port}") as client:
+                client.nearest_neighbors(f"many-{size}", query, k=10)  # first query computes the row norms
+                rows = []
+                for metric in ("l2", "cosine"):
+                    latency = timed(lambda: client.nearest_neighbors(f"many-{size}", query, k=10, metric=metric), 7)
+                    rows.append((metric, latency))
+                rss = server.memory_mib()
+        finally:
+            server.stop()
+        from convscope_server.galleries import read_gallery
+        from sklearn.neighbors import NearestNeighbors
+
+        gallery = read_gallery(galleries / f"many-{size}.gallery", "g")
+        codes = np.asarray(gallery.codes)
+        pixels = np.asarray(gallery.thumbnails).reshape(size, -1).astype(np.float32)
+        code_query, pixel_query = codes[-1:], pixels[-1:]
+        print(f"\nquery latency, gallery of {size} ({codes.shape[1]}-d codes, {pixels.shape[1]}-d pixels), k=10; "
+              f"server RSS after queries {rss[0]:.0f} MB")
+        for metric, latency in rows:
+            sk = "euclidean" if metric == "l2" else "cosine"
+            feature = NearestNeighbors(n_neighbors=10, algorithm="brute", metric=sk).fit(codes)
+            pixel = NearestNeighbors(n_neighbors=10, algorithm="brute", metric=sk).fit(pixels)
+            reference = timed(lambda: (feature.kneighbors(code_query), pixel.kneighbors(pixel_query)), 7)
+            print(f"  {metric:<7} convscope (gRPC, both spaces) {latency * 1e3:7.1f} ms   scikit-learn in memory "
+                  f"{reference * 1e3:7.1f} ms   ratio {reference / latency:.2f}x")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
