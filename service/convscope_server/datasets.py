@@ -35,8 +35,9 @@ class Item:
     index: int
     id: str
     label: str
-    load: Callable[[], np.ndarray]   # -> one model-input sample; raises ServiceError when unusable
-    path: Path | None = None         # folder items: the file (patch scans re-read only the winners)
+    load: Callable[[], np.ndarray]   # -> one model-input sample; raises ServiceError when unusable. Holds
+                                     # only the file path or the message as sent, so patch scans keep it
+                                     # (not decoded pixels) for the images they may crop at the end
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Batch:
     ids: list[str]
     labels: list[str]
     inputs: np.ndarray               # (B, ...) model inputs
-    paths: list[Path | None]
+    loaders: list[Callable[[], np.ndarray]]
 
 
 @dataclass
@@ -114,8 +115,7 @@ def folder_items(folder: Path, root: Path, config, max_pixels: int) -> Iterator[
     for index, path in enumerate(_image_files(folder)):
         relative = path.relative_to(folder)
         label = relative.parts[0] if len(relative.parts) > 1 else ""
-        yield Item(index, relative.as_posix(), label, functools.partial(load_file, path, root, config, max_pixels),
-                   path)
+        yield Item(index, relative.as_posix(), label, functools.partial(load_file, path, root, config, max_pixels))
 
 
 def load_file(path: Path, root: Path, config, max_pixels: int) -> np.ndarray:
@@ -220,4 +220,4 @@ def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure]
 def _stack(pending: list[tuple[Item, np.ndarray]]) -> Batch:
     return Batch([item.index for item, _ in pending], [item.id for item, _ in pending],
                  [item.label for item, _ in pending], np.stack([x for _, x in pending]),
-                 [item.path for item, _ in pending])
+                 [item.load for item, _ in pending])

@@ -6,8 +6,7 @@ import numpy as np
 
 from convscope.v1 import dataset_pb2, dataset_pb2_grpc, tensor_pb2
 from convscope_server import render
-from convscope_server.datasets import (DataRoot, batches, count_images, folder_items, limited, load_file,
-                                       stream_items)
+from convscope_server.datasets import DataRoot, batches, count_images, folder_items, limited, stream_items
 from convscope_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from convscope_server.forward import activations as acts
 from convscope_server.forward import embedding as embed
@@ -140,7 +139,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
 
         def work(progress, should_stop, emit):
             table = top.TopActivations(channels, k)
-            kept: dict[int, tuple] = {}  # scan index -> (id, file path or display pixels) of the images kept
+            kept: dict[int, tuple] = {}  # scan index -> (id, loader) of the images some channel keeps
             failures = []
 
             def failed(failure):
@@ -154,8 +153,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                 keep = table.referenced()
                 for row, index in enumerate(batch.indices):
                     if index in keep:
-                        pixels = batch.paths[row] or render.display_image(batch.inputs[row], model.config)
-                        kept[index] = (batch.ids[row], pixels)
+                        kept[index] = (batch.ids[row], batch.loaders[row])
                 for index in [i for i in kept if i not in keep]:
                     del kept[index]
                 done = batch.indices[-1] + 1
@@ -180,13 +178,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
         images: dict[int, np.ndarray] = {}
 
         def pixels(index: int) -> np.ndarray:
-            if index not in images:
-                source = kept[index][1]
-                if isinstance(source, np.ndarray):
-                    images[index] = source
-                else:  # a dataset file: decoded again, only for the winners
-                    sample = load_file(source, self.data_root.root, model.config, self.limits.max_image_pixels)
-                    images[index] = render.display_image(sample, model.config)
+            if index not in images:  # decoded again (the file, or the bytes as streamed), winners only
+                images[index] = render.display_image(kept[index][1](), model.config)
             return images[index]
 
         result = dataset_pb2.TopPatchesResult(layer=layer.name, images=scanned, skipped=skipped,
