@@ -210,7 +210,8 @@ def _fsync_folder(folder: Path) -> None:
 
 
 class GalleryStore:
-    """Every ``*.gallery`` file under ``root``, loaded (and verified) at start; failures kept with reasons."""
+    """Every ``*.gallery`` file under ``root``, loaded (and verified) at start; failures kept with reasons.
+    The folder is created by the first build."""
 
     def __init__(self, root: Path | None):
         self.root = Path(root) if root else None
@@ -220,9 +221,8 @@ class GalleryStore:
         self._lock = threading.Lock()
 
     def load_all(self) -> None:
-        if self.root is None:
+        if self.root is None or not self.root.is_dir():  # created by the first build
             return
-        self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob(".*"):  # temporary files of builds interrupted by a crash
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
@@ -278,6 +278,7 @@ class GalleryStore:
             self._building.add(name)
 
     def writer(self, dim: int, thumbnail_size: int) -> GalleryWriter:
+        self.root.mkdir(parents=True, exist_ok=True)
         return GalleryWriter(self.root, dim, thumbnail_size)
 
     def finish(self, name: str, writer: GalleryWriter | None, meta: dict | None) -> Gallery | None:

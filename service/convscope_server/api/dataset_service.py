@@ -140,10 +140,11 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
         def work(progress, should_stop, emit):
             table = top.TopActivations(channels, k)
             kept: dict[int, tuple] = {}  # scan index -> (id, loader) of the images some channel keeps
-            failures = []
+            failures = {"count": 0, "end": 0}  # unreadable items, and the scan position after the last one
 
             def failed(failure):
-                failures.append(failure.index)
+                failures["count"] += 1
+                failures["end"] = failure.index + 1
                 emit("item_error", failure)
 
             done = 0
@@ -160,9 +161,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                 progress(done, source.total, "scanning")
             if should_stop():
                 return None
-            scanned = max(done, (max(failures) + 1) if failures else 0)
-            return self._patch_result(spec, model, layer, table, kept, spatial, grid_width, scanned,
-                                      len(failures), render_channels, tile)
+            return self._patch_result(spec, model, layer, table, kept, spatial, grid_width,
+                                      max(done, failures["end"]), failures["count"], render_channels, tile)
 
         for kind, value in stream_job(context, work, self.limits.max_job_seconds, emits=True):
             if kind == "progress":
