@@ -27,6 +27,14 @@ def random_images(count: int, seed: int = 0, size: int = SIZE) -> list[np.ndarra
     return images
 
 
+def endless_images():
+    """A stream that never ends (for cancelling)."""
+    seed = 0
+    while True:
+        seed += 1
+        yield random_images(1, seed=seed)[0]
+
+
 def brute_force_top(activations: np.ndarray, k: int):
     """(N, C, H, W) or (N, C) -> per channel the k (image, flat position, value) with the largest per-image
     maximum, ties to the earlier image: every activation held at once."""
@@ -188,18 +196,12 @@ def test_scan_size_limits(repository, data_root):
 def test_cancelling_a_scan_stops_it_and_frees_its_table(client):
     from convscope_server.forward.patches import TopActivations
 
-    def endless():
-        seed = 0
-        while True:
-            seed += 1
-            yield random_images(1, seed=seed)[0]
-
     def stop(step, total, stage):
         if step >= 64:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        client.top_patches("tiny", "/conv3/Conv_output_0", endless(), k=4, progress=stop)
+        client.top_patches("tiny", "/conv3/Conv_output_0", endless_images(), k=4, progress=stop)
     deadline = time.monotonic() + 15
     names = ("convscope-job", "convscope-reader")
     while any(t.name in names for t in threading.enumerate()) and time.monotonic() < deadline:

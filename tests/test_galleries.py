@@ -16,7 +16,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from convscope import AlreadyExists, Client, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from conftest import start
-from test_datasets import random_images
+from test_datasets import endless_images, random_images
 
 MODEL = "efficientnet_lite0"
 PENULTIMATE = "/Flatten_output_0"   # the input of the classifier (Gemm)
@@ -232,18 +232,12 @@ def test_embedding_point_limit(repository, data_root, tmp_path):
 
 
 def test_cancelling_a_gallery_build_leaves_nothing(client, server):
-    def endless():
-        seed = 0
-        while True:
-            seed += 1
-            yield random_images(1, seed=seed)[0]
-
     def stop(step, total, stage):
         if step >= 48:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        client.build_gallery("cancelled", "tiny", endless(), progress=stop)
+        client.build_gallery("cancelled", "tiny", endless_images(), progress=stop)
     deadline = time.monotonic() + 15
     while any(t.name == "convscope-job" for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.1)

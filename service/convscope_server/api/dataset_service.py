@@ -61,12 +61,17 @@ class ScanSource:
         self.items = limited(items, source.limit, limits.max_scan_images)
 
 
-def _item_error(failure) -> dataset_pb2.ItemError:
-    return dataset_pb2.ItemError(index=failure.index, id=failure.id, reason=failure.reason)
-
-
-def _progress(step: int, total: int, stage: str) -> tensor_pb2.Progress:
-    return tensor_pb2.Progress(step=step, total=max(total, step), stage=stage)
+def scan_events(event_type, job, to_result):
+    """A scan job's events as ``event_type`` messages: progress, one ItemError per unreadable image, then
+    ``to_result(result)``."""
+    for kind, value in job:
+        if kind == "progress":
+            step, total, stage = value[:3]
+            yield event_type(progress=tensor_pb2.Progress(step=step, total=max(total, step), stage=stage))
+        elif kind == "item_error":
+            yield event_type(item_error=dataset_pb2.ItemError(index=value.index, id=value.id, reason=value.reason))
+        elif value is not None:
+            yield event_type(result=to_result(value))
 
 
 def channel_count(layer, field: str) -> int:
@@ -164,13 +169,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             return self._patch_result(spec, model, layer, table, kept, spatial, grid_width,
                                       max(done, failures["end"]), failures["count"], render_channels, tile)
 
-        for kind, value in stream_job(context, work, self.limits.max_job_seconds, emits=True):
-            if kind == "progress":
-                yield dataset_pb2.TopPatchesEvent(progress=_progress(value[0], value[1], value[2]))
-            elif kind == "item_error":
-                yield dataset_pb2.TopPatchesEvent(item_error=_item_error(value))
-            elif value is not None:
-                yield dataset_pb2.TopPatchesEvent(result=value)
+        yield from scan_events(dataset_pb2.TopPatchesEvent, stream_job(context, work, self.limits.max_job_seconds,
+                                                                       emits=True), lambda result: result)
 
     def _patch_result(self, spec, model, layer, table, kept, spatial, grid_width, scanned, skipped,
                       render_channels, tile):
@@ -259,13 +259,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                         writer.discard()
                     self.galleries.finish(spec.name, None, None)
 
-        for kind, value in stream_job(context, work, self.limits.max_job_seconds, emits=True):
-            if kind == "progress":
-                yield dataset_pb2.BuildGalleryEvent(progress=_progress(value[0], value[1], value[2]))
-            elif kind == "item_error":
-                yield dataset_pb2.BuildGalleryEvent(item_error=_item_error(value))
-            elif value is not None:
-                yield dataset_pb2.BuildGalleryEvent(result=self._info(value.name))
+        yield from scan_events(dataset_pb2.BuildGalleryEvent, stream_job(context, work, self.limits.max_job_seconds,
+                                                                         emits=True), lambda g: self._info(g.name))
 
     def _info(self, name: str) -> dataset_pb2.GalleryInfo:
         gallery, error = self.galleries.status(name)
