@@ -119,8 +119,15 @@ class ProgressBar:
         self.stream = stream
         self.started = time.monotonic()
         self.shown = False
+        self.live = hasattr(stream, "isatty") and stream.isatty()
+        self.stage = None
 
     def __call__(self, step: int, total: int, stage: str = "") -> None:
+        if not self.live and stage == self.stage and step < total:
+            return  # piped to a file or another program: one line per stage and the end, not every step
+        if not self.live and self.shown:
+            self.stream.write("\n")
+        self.stage = stage
         width = 30
         done = int(width * step / total) if total else width
         rate = step / max(time.monotonic() - self.started, 1e-9)
