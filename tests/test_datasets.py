@@ -172,6 +172,10 @@ def test_dataset_paths_outside_the_root_are_refused(client, dataset, error, matc
     ({"layer": ""}, InvalidArgument, "spec.layer: required"),
     ({"model": "nope"}, NotFound, "spec.model"),
     ({"limit": 10**9}, ResourceExhausted, "max-scan-images"),
+    ({"limit": -1}, InvalidArgument, "spec.source.limit: must be >= 0"),
+    ({"tile_size": 600}, InvalidArgument, "spec.tile_size"),
+    ({"render_channels": -2}, InvalidArgument, "spec.render_channels"),
+    ({"model": ""}, InvalidArgument, "spec.model: required"),
 ])
 def test_top_patches_bad_spec(client, kwargs, error, match):
     args = {"model": "tiny", "layer": "/conv3/Conv_output_0", **kwargs}

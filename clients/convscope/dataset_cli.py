@@ -22,7 +22,7 @@ from pathlib import Path
 from convscope.cli import Page, _safe, table, with_progress
 from convscope.client import Client
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}  # as the server reads
 
 
 def local_images(paths: list[str]) -> list[tuple[str, Path, str]]:

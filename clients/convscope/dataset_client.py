@@ -55,14 +55,6 @@ class TopPatches:
     errors: list[ItemError]
     execution_provider: str
 
-    def values(self) -> np.ndarray:
-        """(channels, k) activation values, NaN where a channel has fewer hits."""
-        k = max((len(h) for h in self.channels.values()), default=0)
-        out = np.full((len(self.channels), k), np.nan, np.float32)
-        for row, hits in enumerate(self.channels.values()):
-            out[row, :len(hits)] = [h.value for h in hits]
-        return out
-
 
 @dataclass(frozen=True)
 class Gallery:
@@ -139,6 +131,18 @@ def _requests(request_type, spec, images):
         yield request_type(item=item)
 
 
+def _error_collector(on_item_error):
+    """A list of ItemErrors, and the callback that fills it (and tells ``on_item_error``)."""
+    errors: list[ItemError] = []
+
+    def item_error(message):
+        errors.append(ItemError(message.index, message.id, message.reason))
+        if on_item_error is not None:
+            on_item_error(errors[-1])
+
+    return errors, item_error
+
+
 def _gallery(g, errors=()) -> Gallery:
     return Gallery(g.name, g.ready, g.error, g.model, g.layer, g.size, g.dim, g.thumbnail_size, g.source,
                    g.created, g.file_bytes, tuple(errors))
@@ -164,13 +168,7 @@ class DatasetMethods:
         receptive-field box of the strongest unit and, with ``patches=True``, its pixels. One pass over
         ``images`` (streamed) or the server's ``dataset`` folder; unreadable images are skipped and reported
         to ``on_item_error(ItemError)`` and in ``errors``."""
-        errors: list[ItemError] = []
-
-        def item_error(e):
-            errors.append(ItemError(e.index, e.id, e.reason))
-            if on_item_error is not None:
-                on_item_error(errors[-1])
-
+        errors, item_error = _error_collector(on_item_error)
         spec = dataset_pb2.TopPatchesSpec(model=model, layer=layer, k=k, channels=list(channels),
                                           source=_source(images, dataset, limit), patches=patches, render=render,
                                           render_channels=render_channels, tile_size=tile_size)
@@ -187,13 +185,7 @@ class DatasetMethods:
                       on_item_error=None, timeout: float | None = SCAN_TIMEOUT) -> Gallery:
         """Store one code per image (``layer``'s activations; default the penultimate layer) and a thumbnail
         as the server-side gallery ``name``, from ``images`` (streamed) or the server's ``dataset``."""
-        errors: list[ItemError] = []
-
-        def item_error(e):
-            errors.append(ItemError(e.index, e.id, e.reason))
-            if on_item_error is not None:
-                on_item_error(errors[-1])
-
+        errors, item_error = _error_collector(on_item_error)
         spec = dataset_pb2.GallerySpec(name=name, model=model, layer=layer, source=_source(images, dataset, limit),
                                        thumbnail_size=thumbnail_size, overwrite=overwrite)
         r = self._stream(self._dataset.BuildGallery, _requests(dataset_pb2.BuildGalleryRequest, spec, images),

@@ -281,17 +281,19 @@ class GalleryStore:
         self.root.mkdir(parents=True, exist_ok=True)
         return GalleryWriter(self.root, dim, thumbnail_size)
 
-    def finish(self, name: str, writer: GalleryWriter | None, meta: dict | None) -> Gallery | None:
-        """Publish a finished build (or, with ``writer`` None, just release the name)."""
+    def publish(self, name: str, writer: GalleryWriter, meta: dict) -> Gallery:
+        """Write a finished build under ``name``, load it, and release the name."""
         try:
-            if writer is None:
-                return None
             writer.finish(self.path(name), dict(meta, created=time.time()))
             self._load(name, self.path(name))
             return self.get(name)
         finally:
-            with self._lock:
-                self._building.discard(name)
+            self.release(name)
+
+    def release(self, name: str) -> None:
+        """End a build reserved by ``begin`` (published, failed or stopped)."""
+        with self._lock:
+            self._building.discard(name)
 
     def delete(self, name: str) -> None:
         check_name(name, "name")

@@ -16,6 +16,7 @@ from convscope_server.forward.neighbors import neighbor_grid, nearest, thumbnail
 from convscope_server.galleries import GalleryStore
 from convscope_server.onnx.graph import classifier_input
 from convscope_server.api.common import positive, single_input
+from convscope_server.api.model_service import require_model
 from convscope_server.api.streaming import stream_job
 from convscope_server.tensors import to_tensor
 
@@ -95,11 +96,6 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
         self.galleries = galleries
         self.limits = limits
 
-    def _model(self, name: str, field: str):
-        if not name:
-            raise InvalidArgument(field, "required: name a model from ListModels")
-        return self.repository.get(name, field)
-
     def ListDatasets(self, request, context):
         root = self.data_root.root
         return dataset_pb2.ListDatasetsResponse(
@@ -110,7 +106,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
     # -- maximally-activating patches -----------------------------------------------------------------
     def TopPatches(self, requests, context):
         spec = first_spec(requests, "TopPatches")
-        model = self._model(spec.model, "spec.model")
+        model = require_model(self.repository, spec.model, "spec.model")
         if not spec.layer:
             raise InvalidArgument("spec.layer", "required: name a tensor (see DescribeModel)")
         layer = model.layer(spec.layer, "spec.layer")
@@ -212,7 +208,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
     # -- galleries ----------------------------------------------------------------------------------------
     def BuildGallery(self, requests, context):
         spec = first_spec(requests, "BuildGallery")
-        model = self._model(spec.model, "spec.model")
+        model = require_model(self.repository, spec.model, "spec.model")
         name = spec.layer or classifier_input(model.proto, model.config.logits_output)
         if not name:
             raise InvalidArgument("spec.layer", "the model has no penultimate layer to default to; name one")
@@ -233,7 +229,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             writer, published = None, False
             try:
                 writer = self.galleries.writer(dim, side)
-                failures = 0
+                done = 0
                 for batch in batches(source.items, self.limits.ort_batch,
                                      lambda failure: emit("item_error", failure), should_stop):
                     values = backend.tensors(batch.inputs, outputs)
@@ -241,23 +237,23 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                     writer.add(values[layer.name].reshape(len(batch.inputs), -1), np.stack(thumbs), batch.ids,
                                batch.labels, values[model.config.logits_output].reshape(len(batch.inputs), -1)
                                .argmax(axis=1))
-                    failures = batch.indices[-1] + 1 - len(writer.ids)
-                    progress(batch.indices[-1] + 1, source.total, "encoding")
+                    done = batch.indices[-1] + 1
+                    progress(done, source.total, "encoding")
                 if should_stop():
                     return None
                 if not writer.ids:
                     raise InvalidArgument("spec.source", "no readable images: the gallery would be empty")
-                progress(len(writer.ids) + failures, source.total, "writing")
+                progress(done, source.total, "writing")
                 meta = {"model": model.name, "model_fingerprint": model.fingerprint, "layer": layer.name,
                         "source": source.name}
-                gallery = self.galleries.finish(spec.name, writer, meta)
+                gallery = self.galleries.publish(spec.name, writer, meta)
                 published = True
                 return gallery
             finally:
                 if not published:  # failed or stopped: drop the temporary files, free the name
                     if writer is not None:
                         writer.discard()
-                    self.galleries.finish(spec.name, None, None)
+                    self.galleries.release(spec.name)
 
         yield from scan_events(dataset_pb2.BuildGalleryEvent, stream_job(context, work, self.limits.max_job_seconds,
                                                                          emits=True), lambda g: self._info(g.name))

@@ -13,10 +13,10 @@ from convscope_server.onnx.session import run_batched
 from convscope_server.repository import LoadedModel, ModelRepository
 
 
-def require_model(repository: ModelRepository, name: str) -> LoadedModel:
+def require_model(repository: ModelRepository, name: str, field: str = "model") -> LoadedModel:
     if not name:
-        raise InvalidArgument("model", "required: name a model from ListModels")
-    return repository.get(name)
+        raise InvalidArgument(field, "required: name a model from ListModels")
+    return repository.get(name, field)
 
 
 def model_inputs(model: LoadedModel, images, limits) -> np.ndarray:

@@ -12,8 +12,8 @@ from convscope_server.errors import ResourceExhausted
 def stream_job(context, work, max_seconds: float | None = None, emits: bool = False):
     """Run ``work(progress, should_stop)`` in a worker thread and yield ("progress", (step, total, stage,
     loss, preview_png)) events while it runs, then ("result", value). ``should_stop()`` turns true when the
-    client cancels, the deadline passes, the response stream is closed, or the job has run ``max_seconds``; the work checks
-    it between batches. A job stopped by ``max_seconds`` answers RESOURCE_EXHAUSTED. With ``emits`` the work
+    client cancels, the deadline passes, the response stream is closed, or the job has run ``max_seconds``;
+    the work checks it between batches. A job stopped by ``max_seconds`` answers RESOURCE_EXHAUSTED. With ``emits`` the work
     is called as ``work(progress, should_stop, emit)`` and ``emit(kind, value)`` yields events of its own
     (dataset scans report unreadable items this way)."""
     events: queue.Queue = queue.Queue()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from convscope_server.onnx.graph import logits_node
+
 PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity", "Dropout"}
 
 
@@ -22,9 +24,7 @@ class LinearHead:
 def find_linear_head(proto, values: dict, logits_output: str) -> LinearHead | str:
     """The GAP + linear head ending at ``logits_output``, or a sentence saying why there is none."""
     producers = {out: node for node in proto.graph.node for out in node.output}
-    node = producers.get(logits_output)
-    while node is not None and node.op_type == "Identity":
-        node = producers.get(node.input[0])
+    node = logits_node(proto, logits_output)
     if node is None or node.op_type not in ("Gemm", "MatMul"):
         return f"the logits come from {node.op_type if node else 'no node'}, not a linear layer"
     weights = values.get(node.input[1])

@@ -1,8 +1,9 @@
 """2-D embeddings of a gallery's codes: PCA, and t-SNE (van der Maaten & Hinton 2008, "Visualizing Data
 using t-SNE") with openTSNE, which calls back between iterations (progress, and stopping when asked).
 Gradients: Barnes-Hut (van der Maaten 2014) up to 25,000 points, FFT interpolation (Linderman et al. 2019)
-above; on 10,000 codes Barnes-Hut is 1.8x faster than FFT on two cores (benchmarks/tsne_speed.py). Pictures: a scatter plot coloured by class, and Karpathy's t-SNE image
-grid (each point snapped to its own cell by a linear assignment, each cell the image).
+above; on 10,000 codes Barnes-Hut is 1.5x faster than FFT on two cores (benchmarks/tsne_speed.py).
+Pictures: a scatter plot coloured by class, and Karpathy's t-SNE image grid (each point snapped to its own
+cell by a linear assignment, each cell the image).
 """
 
 from __future__ import annotations
@@ -44,12 +45,11 @@ def tsne(codes: np.ndarray, perplexity: float, iterations: int, seed: int,
     from openTSNE import TSNE
 
     early = min(250, iterations // 4)
-    calls = {"step": 0, "kl": 0.0}
+    steps = {"done": 0}  # openTSNE counts each phase from 0; progress counts both
 
     def callback(iteration, error, embedding):
-        calls["step"] += every
-        calls["kl"] = float(error)
-        progress(min(calls["step"], iterations), iterations, float(error))
+        steps["done"] += every
+        progress(min(steps["done"], iterations), iterations, float(error))
         return should_stop()
 
     model = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=early, n_iter=iterations - early,
@@ -59,8 +59,7 @@ def tsne(codes: np.ndarray, perplexity: float, iterations: int, seed: int,
     embedding = model.fit(np.asarray(codes, np.float32))
     if should_stop():
         raise Stopped
-    kl = getattr(embedding, "kl_divergence", None)
-    return np.asarray(embedding, np.float32), float(kl if kl is not None else calls["kl"])
+    return np.asarray(embedding, np.float32), float(embedding.kl_divergence)
 
 
 def snap_to_grid(coordinates: np.ndarray, size: int) -> np.ndarray:

@@ -60,9 +60,8 @@ def nearest(data: np.ndarray, squared_norms: np.ndarray, query: np.ndarray, k: i
         scores = np.concatenate([best_score, score])
         keep = np.argpartition(scores, screen - 1)[:screen] if len(scores) > screen else slice(None)
         best_index, best_score = indices[keep], scores[keep]
-    rows = np.stack([np.asarray(data[i], np.float64).ravel() for i in np.sort(best_index)])
-    candidates = np.sort(best_index)
-    distances = _exact(rows, query, metric)
+    candidates = np.sort(best_index)  # ascending positions: friendlier reads from a memory-mapped file
+    distances = _exact(np.stack([np.asarray(data[i]).ravel() for i in candidates]), query, metric)
     order = np.lexsort((candidates, distances))[:k]
     return candidates[order], distances[order]
 

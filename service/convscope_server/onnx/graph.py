@@ -105,13 +105,18 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, tuple[str, tuple[int, ...]
     return table
 
 
-def classifier_input(model: onnx.ModelProto, logits_output: str) -> str | None:
-    """The tensor the logits are computed from (the penultimate layer): the first input of the node making
-    ``logits_output``, looking through Identity nodes."""
+def logits_node(model: onnx.ModelProto, logits_output: str) -> onnx.NodeProto | None:
+    """The node that computes ``logits_output``, looking through Identity nodes."""
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get(logits_output)
     while node is not None and node.op_type == "Identity":
         node = producers.get(node.input[0])
+    return node
+
+
+def classifier_input(model: onnx.ModelProto, logits_output: str) -> str | None:
+    """The tensor the logits are computed from (the penultimate layer): the logits node's first input."""
+    node = logits_node(model, logits_output)
     return node.input[0] if node is not None and node.input else None
 
 
