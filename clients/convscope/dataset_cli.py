@@ -22,7 +22,8 @@ from pathlib import Path
 from convscope.cli import Page, _safe, table, with_progress
 from convscope.client import Client
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}  # as the server reads
+# The extensions the server reads in dataset folders (service/convscope_server/datasets.py).
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def local_images(paths: list[str]) -> list[tuple[str, Path, str]]:
