@@ -14,13 +14,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from common import ROOT, report, start_server, timed
+from common import ROOT, ort_providers, report, start_server, timed
 
 LAYERS = ["/_blocks.1/Clip_output_0", "/_blocks.8/_project_conv/Conv_output_0", "/Clip_1_output_0"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", choices=["cpu", "auto"], default="cpu",
+                        help="auto: CUDA on both sides when onnxruntime has it")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", nargs="+", default=LAYERS)
     parser.add_argument("--repeat", type=int, default=7)
@@ -30,7 +32,7 @@ def main() -> None:
 
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(ROOT / "models" / "efficientnet_lite0" / "model.onnx")))
     xs = np.random.default_rng(0).normal(size=(args.batch, 3, 224, 224)).astype(np.float32)
-    server = start_server(ort_batch=args.batch)
+    server = start_server(ort_batch=args.batch, device=args.device, gradient_warmup=False)
     rows = []
     try:
         with Client(server.address) as client:
@@ -38,7 +40,7 @@ def main() -> None:
                 exposed = onnx.ModelProto()
                 exposed.CopyFrom(proto)
                 exposed.graph.output.append(next(v for v in exposed.graph.value_info if v.name == layer))
-                session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(exposed.SerializeToString(), providers=ort_providers(args.device))
                 plain = timed(lambda: session.run([layer], {"input": xs}), args.repeat)
                 served = timed(lambda: client.activations("efficientnet_lite0", list(xs), [layer]), args.repeat)
                 rows.append((f"{layer} x{args.batch}", plain, served))

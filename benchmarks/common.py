@@ -19,6 +19,40 @@ def start_server(repository: Path | None = None, **settings):
                                       **settings))
 
 
+def pick_device(name: str | None) -> str:
+    """"cuda" when asked for, or by default when torch sees a GPU; else "cpu". References run in exact
+    float32 (TF32 off), as the server does by default."""
+    import torch
+
+    from convscope_server.gradient.bridge import set_tf32
+
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU")
+    set_tf32(False)
+    return device
+
+
+def ort_providers(device: str) -> list:
+    """The providers (and CUDA options: exact float32, heuristic algorithm search) the server would use,
+    for the bare onnxruntime side of a comparison."""
+    from convscope_server.onnx.session import SessionSettings, providers_for
+
+    return providers_for(SessionSettings(device=device))
+
+
+def synchronized(fn, device: str):
+    """``fn`` followed by a CUDA synchronise, so GPU work is inside the timing."""
+    import torch
+
+    def call():
+        result = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return result
+    return call
+
+
 def timed(fn, repeat: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds."""
     for _ in range(warmup):

@@ -15,11 +15,13 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from common import ROOT, report, start_server, timed
+from common import ROOT, ort_providers, report, start_server, timed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", choices=["cpu", "auto"], default="cpu",
+                        help="auto: CUDA on both sides when onnxruntime has it")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
@@ -29,7 +31,7 @@ def main() -> None:
     from convscope import Client
 
     model = ROOT / "models" / "efficientnet_lite0" / "model.onnx"
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), providers=ort_providers(args.device))
     pixels = data.chelsea()
 
     def preprocess(p):
@@ -37,7 +39,7 @@ def main() -> None:
         return ((x - 0.5) / 0.5).transpose(2, 0, 1)
 
     x = preprocess(pixels)
-    server = start_server(ort_batch=max(args.batch))
+    server = start_server(ort_batch=max(args.batch), device=args.device, gradient_warmup=False)
     rows = []
     try:
         with Client(server.address) as client:

@@ -30,6 +30,9 @@ def repository(tmp_path_factory) -> Path:
 
 
 def start(repository: Path, **settings):
+    """A real server on a free loopback port. Gradient warm-up is off unless asked for: most test servers
+    never run a gradient method, and converting every model of the repository would only load the cores."""
+    settings.setdefault("gradient_warmup", False)
     return create_server(ServerConfig(host="127.0.0.1", port=0, repository=repository, workers=4,
                                       grace_seconds=1.0, **settings))
 
@@ -64,7 +67,8 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(repository, data_root, tmp_path_factory):
-    running = start(repository, data_root=data_root, gallery_root=tmp_path_factory.mktemp("galleries"))
+    running = start(repository, data_root=data_root, gallery_root=tmp_path_factory.mktemp("galleries"),
+                    gradient_warmup=True)
     yield running
     running.stop(0)
 
@@ -120,12 +124,17 @@ def lite0():
 
 @pytest.fixture(scope="session")
 def fused_lite0():
-    """The native EfficientNet-Lite0 with each batch-norm fused into its conv: the function the ONNX file
-    holds. (Unfused, forward values differ by ~1e-6, enough to flip a ReLU6 unit sitting 2e-6 from its
-    threshold in block 13 on chelsea, and a piecewise-linear network's gradient jumps there: 1.4% apart.)"""
+    """The native EfficientNet-Lite0 (torch) computing the function the ONNX file holds: each batch-norm
+    fused into its conv, then the conv weights and biases taken from the file's initializers (matched to
+    the native convs in forward order, shapes checked). Fusing alone rounds differently from the export
+    (weights ~2e-6 apart with torch 2.14), enough to flip a ReLU6 unit sitting within float noise of its
+    threshold, and a piecewise-linear network's gradient jumps there (9% apart on chelsea). The
+    architecture and the gradient code stay the native model's own."""
     import sys
 
+    import onnx
     import torch
+    from onnx import numpy_helper
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     sys.path.insert(0, str(ROOT / "models"))
@@ -140,4 +149,21 @@ def fused_lite0():
     for owner, conv, bn in pairs:
         setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
         setattr(owner, bn, torch.nn.Identity())
+
+    called = []
+    hooks = [m.register_forward_hook(lambda m, i, o: called.append(m)) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    for hook in hooks:
+        hook.remove()
+    graph = onnx.load(str(DEFAULT_MODEL / "model.onnx")).graph
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    assert len(convs) == len(called), "the ONNX file and the native model have different convolutions"
+    with torch.no_grad():
+        for module, node in zip(called, convs):
+            for parameter, name in ((module.weight, node.input[1]), (module.bias, node.input[2])):
+                assert tuple(parameter.shape) == values[name].shape, f"{node.name}: shapes differ"
+                parameter.copy_(torch.from_numpy(values[name].copy()))
     return model

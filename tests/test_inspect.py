@@ -244,8 +244,10 @@ def test_forward_pass_limit(repository, chelsea):
         strict.stop(0)
 
 
-def _job_threads() -> int:
-    return sum(1 for t in threading.enumerate() if t.name == "convscope-job")
+def _running_jobs() -> int:
+    from convscope_server.api.streaming import running_jobs
+
+    return running_jobs()
 
 
 def test_cancelling_occlusion_stops_the_work(client, chelsea):
@@ -261,9 +263,9 @@ def test_cancelling_occlusion_stops_the_work(client, chelsea):
         client.occlusion("efficientnet_lite0", chelsea, window=4, stride=2, progress=progress)
     assert started.is_set()
     deadline = time.monotonic() + 10
-    while _job_threads() and time.monotonic() < deadline:
+    while _running_jobs() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _job_threads() == 0
+    assert _running_jobs() == 0
     assert client.predict("efficientnet_lite0", chelsea, top=1)[0].index == 285
 
 

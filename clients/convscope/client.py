@@ -75,6 +75,10 @@ class ModelDescription:
     execution_provider: str
     opset: int
     producer: str
+    precision: str = "exact"   # how both backends compute float32: "exact" (TF32 off) or "tf32"
+    run_batch: int = 0         # samples per onnxruntime run on the server's device
+    gradient: dict = field(default_factory=dict)  # the torch module: state, reason, device, probe_difference,
+                                                  # tolerance
     _by_name: dict = field(default_factory=dict, repr=False, compare=False)
 
     def layer(self, name: str) -> Layer:
@@ -320,7 +324,11 @@ class Client(DatasetMethods):
                          "resize": p.resize, "crop_fraction": p.crop_fraction}
         return ModelDescription(r.name, [spec(t) for t in r.inputs], [spec(t) for t in r.outputs],
                                 r.logits_output, preprocessing, layers, r.num_classes, r.fixed_batch,
-                                list(r.guessed), r.execution_provider, r.opset, r.producer)
+                                list(r.guessed), r.execution_provider, r.opset, r.producer, r.precision,
+                                r.run_batch, {"state": r.gradient.state, "reason": r.gradient.reason,
+                                              "device": r.gradient.device,
+                                              "probe_difference": r.gradient.probe_difference,
+                                              "tolerance": r.gradient.tolerance})
 
     def predict(self, model: str, images, top: int = 5, *, timeout: float | None = None):
         """Top-``top`` classes. ``images`` is one image (returns a list of ClassScore) or a list/tuple of

@@ -33,6 +33,7 @@ from convscope_server.datasets import DataRoot
 from convscope_server.galleries import GalleryStore
 from convscope_server.errors import ErrorInterceptor, TokenInterceptor
 from convscope_server.gradient.bridge import TorchBridges
+from convscope_server.onnx.session import PRECISIONS, SessionSettings
 from convscope_server.repository import ModelRepository
 
 log = logging.getLogger("convscope_server")
@@ -65,13 +66,17 @@ class RunningServer:
     def stop(self, grace: float | None = None) -> None:
         """Mark everything NOT_SERVING, refuse new calls, let in-flight calls finish, then stop."""
         self.health.enter_graceful_shutdown()
+        self.bridges.shutdown()
         self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
 
 
 def create_server(config: ServerConfig, repository: ModelRepository | None = None) -> RunningServer:
     """Load the repository (unless given) and start serving on ``config.host:config.port``."""
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {config.precision!r}")
     if repository is None:
-        repository = ModelRepository(config.repository, config.device, config.ort_threads)
+        repository = ModelRepository(config.repository, SessionSettings(config.device, config.ort_threads,
+                                                                        config.precision), config.ort_batch)
         repository.load_all()
     interceptors = [ErrorInterceptor()]
     if config.token:
@@ -83,9 +88,11 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
                  ("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.so_reuseport", 0)],
     )
-    model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(repository, config), server)
-    inspect_pb2_grpc.add_InspectServiceServicer_to_server(InspectService(repository, config), server)
     bridges = TorchBridges(config.device)
+    if config.gradient_warmup:
+        bridges.warm(model for name in repository.names() if (model := repository.status(name)[0]))
+    model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(repository, config, bridges), server)
+    inspect_pb2_grpc.add_InspectServiceServicer_to_server(InspectService(repository, config), server)
     attribution_pb2_grpc.add_AttributionServiceServicer_to_server(AttributionService(repository, bridges, config),
                                                                   server)
     synthesis_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisService(repository, bridges, config), server)
@@ -123,7 +130,7 @@ def main(argv=None) -> int:
     config = config_module.from_arguments(args)
     try:
         running = create_server(config)
-    except (OSError, FileNotFoundError) as error:
+    except (OSError, ValueError) as error:
         log.error("%s", error)
         return 1
     models = ", ".join(f"{n}{'' if running.repository.status(n)[0] else ' (failed)'}"

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from convscope_server.onnx.session import PRECISIONS
+
 
 @dataclass
 class ServerConfig:
@@ -23,21 +25,38 @@ class ServerConfig:
     max_steps: int = 2_000                 # per optimisation job
     max_job_seconds: float = 600.0         # wall time of one streamed job before it is stopped
     max_synthesis_pixels: int = 1_048_576  # size of a synthesised image (style transfer takes any size)
-    ort_batch: int = 16                    # images per onnxruntime run on dynamic-batch models
+    ort_batch: int = 0                     # images per onnxruntime run on dynamic-batch models; 0: chosen
+                                           # for the device (16 on CPU, 128 on CUDA)
     ort_threads: int = 0                   # intra-op threads per session; 0 lets onnxruntime choose
     device: str = "auto"                   # "auto" (CUDA when onnxruntime has it) or "cpu"
+    precision: str = "exact"               # "exact" (float32, TF32 off) or "tf32"; config.toml may override
+    decode_workers: int = 0                # threads decoding images in dataset scans; 0: one per core
+    gradient_warmup: bool = True           # convert every model to torch in the background at start-up
     max_scan_images: int = 200_000         # images in one dataset scan (patches, gallery)
     max_top_k: int = 100                   # images kept per channel by a patch scan; neighbours per query
     max_embed_points: int = 20_000         # points in one PCA / t-SNE embedding
     grace_seconds: float = 10.0            # in-flight calls get this long to finish on SIGTERM
 
 
+def boolean(text: str) -> bool:
+    """"true"/"false" (also 1/0, yes/no, on/off) for flags and environment variables."""
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {text!r}")
+
+
+def _kind(default):
+    if isinstance(default, bool):
+        return boolean
+    return Path if isinstance(default, Path) else (str if default is None else type(default))
+
+
 def _env(name: str, default):
     value = os.environ.get(f"CONVSCOPE_{name.upper()}")
-    if value is None:
-        return default
-    return type(default)(value) if default is not None and not isinstance(default, Path) else (
-        Path(value) if isinstance(default, Path) else value)
+    return default if value is None else _kind(default)(value)
 
 
 def add_arguments(parser) -> None:
@@ -56,13 +75,17 @@ def add_arguments(parser) -> None:
         "max_steps": "most optimisation steps per synthesis job",
         "max_job_seconds": "wall time one streamed job may take",
         "max_synthesis_pixels": "largest synthesised image (height x width)", "max_image_pixels": "most pixels in one decoded image",
-        "ort_batch": "images per onnxruntime run", "ort_threads": "intra-op threads per session (0: auto)",
+        "ort_batch": "images per onnxruntime run (0: 16 on CPU, 128 on CUDA)",
+        "precision": "exact (float32 everywhere, TF32 off) or tf32 (faster on NVIDIA GPUs, ~1e-3 relative)",
+        "decode_workers": "threads decoding images in dataset scans (0: one per core)",
+        "gradient_warmup": "convert each model for gradient methods in the background at start-up, so the "
+        "first gradient call does not wait (true/false)", "ort_threads": "intra-op threads per session (0: auto)",
         "device": "auto (CUDA when available) or cpu", "grace_seconds": "grace period on SIGTERM",
     }
     for name, default in vars(defaults).items():
         flag = "--" + name.replace("_", "-")
-        kind = Path if isinstance(default, Path) else (str if default is None else type(default))
-        parser.add_argument(flag, type=kind, default=_env(name, default),
+        choices = PRECISIONS if name == "precision" else None
+        parser.add_argument(flag, type=_kind(default), default=_env(name, default), choices=choices,
                             help=f"{helps[name]} (env CONVSCOPE_{name.upper()}, default {default})")
 
 

@@ -40,7 +40,7 @@ from convscope_server.errors import FailedPrecondition, NotFound
 from convscope_server.onnx.graph import LayerInfo, constants, describe_graph, tensor_types
 from convscope_server.onnx.loading import ModelLoadError, inside, load_model
 from convscope_server.onnx.probes import ProbeCache
-from convscope_server.onnx.session import create_session
+from convscope_server.onnx.session import PRECISIONS, SessionSettings, create_session, default_batch, run_batched
 
 log = logging.getLogger("convscope_server")
 
@@ -49,6 +49,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _INPUT_KEYS = {"name", "height", "width", "layout", "channel_order", "scale", "mean", "std", "resize",
                "crop_fraction"}
 _OUTPUT_KEYS = {"logits", "softmax", "labels"}
+_RUNTIME_KEYS = {"precision"}
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ModelConfig:
     softmax: bool
     labels_file: str | None
     guessed: list[str] = field(default_factory=list)
+    precision: str = ""             # [runtime] precision; "" follows the server's --precision
 
 
 @dataclass
@@ -83,6 +85,18 @@ class LoadedModel:
     session: object                 # onnxruntime.InferenceSession with every optimisation on
     execution_provider: str
     probes: ProbeCache              # sessions that expose inner tensors, cached by tensor set
+    run_batch: int = 16             # samples per onnxruntime run on a dynamic-batch graph
+    precision: str = "exact"        # "exact" (float32) or "tf32", for onnxruntime and the torch module
+
+    @property
+    def stable_shapes(self) -> bool:
+        """Pad runs to a few fixed batch sizes: CUDA searches convolution algorithms per input shape."""
+        return self.execution_provider == "CUDAExecutionProvider"
+
+    def run(self, batch, outputs: list[str], session=None) -> list:
+        """Run model inputs (N, ...) through the prediction session (or ``session``, a probe) in batches."""
+        return run_batched(session or self.session, self.config.input_name, batch, outputs, self.fixed_batch,
+                           self.run_batch, self.stable_shapes)
     _layer_index: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
 
     def layer(self, name: str, field_name: str = "layer") -> LayerInfo:
@@ -125,11 +139,11 @@ def _read_config(folder: Path) -> dict:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"config.toml: {error}") from None
-    for section, keys in (("input", _INPUT_KEYS), ("output", _OUTPUT_KEYS)):
+    for section, keys in (("input", _INPUT_KEYS), ("output", _OUTPUT_KEYS), ("runtime", _RUNTIME_KEYS)):
         unknown = set(data.get(section, {})) - keys
         if unknown:
             raise ConfigError(f"config.toml [{section}]: unknown keys {sorted(unknown)}; known: {sorted(keys)}")
-    unknown_sections = set(data) - {"input", "output"}
+    unknown_sections = set(data) - {"input", "output", "runtime"}
     if unknown_sections:
         raise ConfigError(f"config.toml: unknown sections {sorted(unknown_sections)}")
     return data
@@ -191,8 +205,11 @@ def build_config(proto: onnx.ModelProto, raw: dict) -> ModelConfig:
         raise ConfigError(f"config.toml [output] logits {logits!r} is not a graph output {outputs}")
     softmax = bool(pick(out, "softmax", True, "output.softmax"))
     labels = out.get("labels")
+    precision = raw.get("runtime", {}).get("precision", "")
+    if precision not in ("", *PRECISIONS):
+        raise ConfigError(f"config.toml [runtime] precision must be one of {list(PRECISIONS)}, not {precision!r}")
     return ModelConfig(input_name, height, width, channels, layout, channel_order, scale, mean, std, resize,
-                       crop_fraction, logits, softmax, labels, guessed)
+                       crop_fraction, logits, softmax, labels, guessed, precision)
 
 
 def _read_labels(folder: Path, config: ModelConfig) -> list[str]:
@@ -210,7 +227,9 @@ def _read_labels(folder: Path, config: ModelConfig) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_folder(name: str, folder: Path, device: str = "auto", threads: int = 0) -> LoadedModel:
+def load_folder(name: str, folder: Path, defaults: SessionSettings = SessionSettings(), batch: int = 0) -> LoadedModel:
+    """Load one model folder. ``defaults`` are the server's session settings (the model's config.toml may
+    override the precision); ``batch`` samples per run, 0 for the device's default."""
     proto = load_model(folder / "model.onnx", folder)
     config = build_config(proto, _read_config(folder))
     labels = _read_labels(folder, config)
@@ -222,21 +241,23 @@ def load_folder(name: str, folder: Path, device: str = "auto", threads: int = 0)
     if labels and num_classes and len(labels) != num_classes:
         raise ConfigError(f"labels file has {len(labels)} names but {config.logits_output!r} has "
                           f"{num_classes} classes")
+    settings = SessionSettings(defaults.device, defaults.threads, config.precision or defaults.precision)
     try:
-        session = create_session(proto.SerializeToString(), device, threads)
+        session = create_session(proto.SerializeToString(), settings)
     except Exception as error:  # onnxruntime raises its own types for unsupported ops and bad graphs
         raise ModelLoadError(f"onnxruntime cannot load the model: {error}") from None
+    provider = session.get_providers()[0]
     return LoadedModel(name, folder, proto, config, labels, layers, max(batch_dim, 0), num_classes, session,
-                       session.get_providers()[0], ProbeCache(proto, device, threads))
+                       provider, ProbeCache(proto, settings), batch or default_batch(provider), settings.precision)
 
 
 class ModelRepository:
     """Loads every model folder under ``root`` and hands out loaded models by name."""
 
-    def __init__(self, root: Path, device: str = "auto", threads: int = 0):
+    def __init__(self, root: Path, settings: SessionSettings = SessionSettings(), batch: int = 0):
         self.root = Path(root)
-        self.device = device
-        self.threads = threads
+        self.settings = settings
+        self.batch = batch
         self._models: dict[str, LoadedModel] = {}
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -254,7 +275,7 @@ class ModelRepository:
         try:
             if not inside(folder, self.root):
                 raise ModelLoadError("the model folder resolves outside the repository: refused")
-            model = load_folder(name, folder, self.device, self.threads)
+            model = load_folder(name, folder, self.settings, self.batch)
         except ModelLoadError as error:
             log.warning("model %s not loaded: %s", name, error)
             with self._lock:

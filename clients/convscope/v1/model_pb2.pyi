@@ -112,7 +112,7 @@ class Preprocessing(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., layout: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ..., channel_order: _Optional[str] = ..., resize: _Optional[str] = ..., crop_fraction: _Optional[float] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("name", "inputs", "outputs", "logits_output", "preprocessing", "layers", "num_classes", "has_labels", "fixed_batch", "guessed", "execution_provider", "opset", "producer")
+    __slots__ = ("name", "inputs", "outputs", "logits_output", "preprocessing", "layers", "num_classes", "has_labels", "fixed_batch", "guessed", "execution_provider", "opset", "producer", "precision", "run_batch", "gradient")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,9 @@ class DescribeModelResponse(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     OPSET_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RUN_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -139,7 +142,24 @@ class DescribeModelResponse(_message.Message):
     execution_provider: str
     opset: int
     producer: str
-    def __init__(self, name: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., logits_output: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., fixed_batch: _Optional[int] = ..., guessed: _Optional[_Iterable[str]] = ..., execution_provider: _Optional[str] = ..., opset: _Optional[int] = ..., producer: _Optional[str] = ...) -> None: ...
+    precision: str
+    run_batch: int
+    gradient: GradientPath
+    def __init__(self, name: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., logits_output: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., fixed_batch: _Optional[int] = ..., guessed: _Optional[_Iterable[str]] = ..., execution_provider: _Optional[str] = ..., opset: _Optional[int] = ..., producer: _Optional[str] = ..., precision: _Optional[str] = ..., run_batch: _Optional[int] = ..., gradient: _Optional[_Union[GradientPath, _Mapping]] = ...) -> None: ...
+
+class GradientPath(_message.Message):
+    __slots__ = ("state", "reason", "device", "probe_difference", "tolerance")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PROBE_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    reason: str
+    device: str
+    probe_difference: float
+    tolerance: float
+    def __init__(self, state: _Optional[str] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ..., probe_difference: _Optional[float] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("model", "images", "top_k")

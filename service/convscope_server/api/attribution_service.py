@@ -30,7 +30,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         model = require_model(self.repository, request.model)
         torch_model = self.bridges.get(model)
         sample = single_input(model, request, self.limits)
-        target = resolve_target(model, OrtBackend(model, self.limits.ort_batch), request, sample)
+        target = resolve_target(model, OrtBackend(model), request, sample)
         return model, torch_model, sample, target
 
     def _result(self, model, sample, target, attributed, shown, passes, render_it, heat=None):
@@ -69,13 +69,14 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         check_passes(passes, self.limits, "samples" if method == attribution_pb2.SALIENCY_SMOOTHGRAD else "steps")
 
         def work(progress, should_stop):
-            if method == attribution_pb2.SALIENCY_VANILLA:
-                return attribution.vanilla(torch_model, sample, target)
-            if method == attribution_pb2.SALIENCY_SMOOTHGRAD:
-                return attribution.smoothgrad(torch_model, sample, target, noise, chunk, should_stop, progress)
-            baseline = np.full_like(sample, request.baseline)
-            return attribution.integrated_gradients(torch_model, sample, target, baseline, passes, chunk,
-                                                    should_stop, progress)
+            with torch_model.scope():
+                if method == attribution_pb2.SALIENCY_VANILLA:
+                    return attribution.vanilla(torch_model, sample, target)
+                if method == attribution_pb2.SALIENCY_SMOOTHGRAD:
+                    return attribution.smoothgrad(torch_model, sample, target, noise, chunk, should_stop, progress)
+                baseline = np.full_like(sample, request.baseline)
+                return attribution.integrated_gradients(torch_model, sample, target, baseline, passes, chunk,
+                                                        should_stop, progress)
 
         for kind, value in stream_job(context, work, self.limits.max_job_seconds):
             if kind == "progress":
@@ -108,8 +109,9 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
                                       f"0..{channels - 1}")
             layer_name, channel_of_layer = layer.name, 3 if layer.layout == "NHWC" else 1
         position = neuron_position(request, layer)
-        grads = backprop.modified_gradient(torch_model, sample, rule, target, layer_name, int(request.channel),
-                                           channel_of_layer, position)
+        with torch_model.scope():
+            grads = backprop.modified_gradient(torch_model, sample, rule, target, layer_name, int(request.channel),
+                                               channel_of_layer, position)
         return self._result(model, sample, target, grads, attribution.saliency_map(grads, channel_axis), 1,
                             request.render)
 
@@ -134,7 +136,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         layer = (model.layer(head.feature_map) if head else
                  spatial_layer(model, request.layer, "layer", "class activation maps need a conv feature map"))
         sample = single_input(model, request, self.limits)
-        backend = OrtBackend(model, self.limits.ort_batch)
+        backend = OrtBackend(model)
         target = resolve_target(model, backend, request, sample)
         channel_axis, (h_axis, w_axis) = input_axes(model)
         height, width = sample.shape[h_axis], sample.shape[w_axis]
@@ -143,11 +145,13 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             heat = cam.finish(class_activation_map(feature_map, head, target), height, width)
             return self._result(model, sample, target, head.weights[target], heat, 0, request.render, heat=heat)
         torch_model = self.bridges.get(model)
-        activation, grads = cam.layer_and_gradient(torch_model, sample, target, layer.name)
+        with torch_model.scope():
+            activation, grads = cam.layer_and_gradient(torch_model, sample, target, layer.name)
+            guided = (backprop.modified_gradient(torch_model, sample, "guided", target)
+                      if method == "guided_gradcam" else None)
         if layer.layout == "NHWC":
             activation, grads = activation.transpose(2, 0, 1), grads.transpose(2, 0, 1)
         if method == "guided_gradcam":
-            guided = backprop.modified_gradient(torch_model, sample, "guided", target)
             coarse = cam.nearest_resize(cam.raw_grad_cam(activation, grads), height, width)
             attributed = guided * np.expand_dims(coarse, channel_axis)
             return self._result(model, sample, target, attributed, attribution.saliency_map(attributed, channel_axis),
@@ -200,8 +204,9 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         keep = request.return_maps or request.render
 
         def work(progress, should_stop):
-            return sanity.cascading_randomization(torch_model, model.proto, maps, request.layers, request.seed,
-                                                  progress, should_stop, keep)
+            with torch_model.scope():
+                return sanity.cascading_randomization(torch_model, model.proto, maps, request.layers, request.seed,
+                                                      progress, should_stop, keep)
 
         for kind, value in stream_job(context, work, self.limits.max_job_seconds):
             if kind == "progress":

@@ -135,7 +135,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                                         f"limit of {self.limits.max_message_bytes / 2**20:.0f} MiB; track fewer "
                                         "channels (spec.channels) or leave out the pixels")
         source = ScanSource(spec.source, requests, model, self.data_root, self.limits)
-        backend = OrtBackend(model, self.limits.ort_batch)
+        backend = OrtBackend(model)
         grid_width = (layer.shape[2] if layer.layout == "NHWC" else layer.shape[3]) if spatial else 1
 
         def work(progress, should_stop, emit):
@@ -149,7 +149,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                 emit("item_error", failure)
 
             done = 0
-            for batch in batches(source.items, self.limits.ort_batch, failed, should_stop):
+            for batch in batches(source.items, model.run_batch, failed, should_stop):
                 values = backend.tensors(batch.inputs, [layer.name])[layer.name]
                 table.add(acts.channels_first(values, layer.layout), batch.indices)
                 keep = table.referenced()
@@ -222,7 +222,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             raise InvalidArgument("spec.thumbnail_size", f"{side} is over 256 pixels")
         source = ScanSource(spec.source, requests, model, self.data_root, self.limits)
         self.galleries.begin(spec.name, spec.overwrite)
-        backend = OrtBackend(model, self.limits.ort_batch)
+        backend = OrtBackend(model)
         outputs = [layer.name, model.config.logits_output]
 
         def work(progress, should_stop, emit):
@@ -230,7 +230,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             try:
                 writer = self.galleries.writer(dim, side)
                 done = 0
-                for batch in batches(source.items, self.limits.ort_batch,
+                for batch in batches(source.items, model.run_batch,
                                      lambda failure: emit("item_error", failure), should_stop):
                     values = backend.tensors(batch.inputs, outputs)
                     thumbs = [thumbnail(render.display_image(x, model.config), side) for x in batch.inputs]

@@ -25,7 +25,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         self.limits = limits
 
     def _backend(self, model) -> OrtBackend:
-        return OrtBackend(model, self.limits.ort_batch)
+        return OrtBackend(model)
 
     def Filters(self, request, context):
         model = require_model(self.repository, request.model)
@@ -85,8 +85,8 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         scan = acts.DeadFilterScan(request.tolerance)
         backend = self._backend(model)
         names = [layer.name for layer in layers]
-        for begin in range(0, len(batch), self.limits.ort_batch):
-            for layer, (name, value) in zip(layers, backend.tensors(batch[begin: begin + self.limits.ort_batch],
+        for begin in range(0, len(batch), model.run_batch):
+            for layer, (name, value) in zip(layers, backend.tensors(batch[begin: begin + model.run_batch],
                                                                     names).items()):
                 scan.add(name, acts.channels_first(value, layer.layout))
         response = inspect_pb2.DeadFiltersResponse(images=len(batch))
@@ -130,7 +130,7 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
 
         def work(progress, should_stop):
             return occlusion(backend, sample, target, window, stride, baseline, (h_axis, w_axis), score,
-                             self.limits.ort_batch, progress, should_stop)
+                             model.run_batch, progress, should_stop)
 
         for kind, value in stream_job(context, work, self.limits.max_job_seconds):
             if kind == "progress":

@@ -7,9 +7,9 @@ import numpy as np
 from convscope.v1 import model_pb2, model_pb2_grpc
 from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.forward.backend import softmax
+from convscope_server.gradient.bridge import PROBE_TOLERANCE
 from convscope_server.images import to_model_input
 from convscope_server.onnx.graph import tensor_types
-from convscope_server.onnx.session import run_batched
 from convscope_server.repository import LoadedModel, ModelRepository
 
 
@@ -46,10 +46,19 @@ def _layer(info) -> model_pb2.Layer:
     return message
 
 
+def _gradient_path(bridges, model: LoadedModel) -> model_pb2.GradientPath:
+    state, reason, torch_model = bridges.status(model.name)
+    path = model_pb2.GradientPath(state=state, reason=reason, tolerance=PROBE_TOLERANCE[model.precision])
+    if torch_model is not None:
+        path.device, path.probe_difference = str(torch_model.device), torch_model.probe_difference
+    return path
+
+
 class ModelService(model_pb2_grpc.ModelServiceServicer):
-    def __init__(self, repository: ModelRepository, limits):
+    def __init__(self, repository: ModelRepository, limits, bridges):
         self.repository = repository
         self.limits = limits
+        self.bridges = bridges
 
     def ListModels(self, request, context):
         summaries = []
@@ -81,7 +90,8 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             layers=[_layer(layer) for layer in layers], num_classes=model.num_classes,
             has_labels=bool(model.labels), fixed_batch=model.fixed_batch, guessed=config.guessed,
             execution_provider=model.execution_provider, opset=opset,
-            producer=f"{model.proto.producer_name} {model.proto.producer_version}".strip())
+            producer=f"{model.proto.producer_name} {model.proto.producer_version}".strip(),
+            precision=model.precision, run_batch=model.run_batch, gradient=_gradient_path(self.bridges, model))
 
     def Predict(self, request, context):
         model = require_model(self.repository, request.model)
@@ -91,8 +101,7 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         if model.num_classes and top_k > model.num_classes:
             raise InvalidArgument("top_k", f"{top_k} is more than the model's {model.num_classes} classes")
         batch = model_inputs(model, request.images, self.limits)
-        (scores,) = run_batched(model.session, model.config.input_name, batch, [model.config.logits_output],
-                                model.fixed_batch, self.limits.ort_batch)
+        (scores,) = model.run(batch, [model.config.logits_output])
         scores = scores.reshape(len(batch), -1).astype(np.float32)
         probabilities = softmax(scores) if model.config.softmax else scores
         results = []

@@ -31,7 +31,8 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
     # -- shared ---------------------------------------------------------------------------------------
     def _setup(self, request):
         model = require_model(self.repository, request.model)
-        return model, self.bridges.get(model), InputSpace.of(model.config)
+        torch_model = self.bridges.get(model)
+        return model, torch_model, InputSpace.of(model.config, torch_model.device)
 
     def _options(self, options, steps: int, lr: float):
         steps = positive(options.steps, steps, "optimization.steps")
@@ -48,8 +49,8 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
             raise ResourceExhausted(f"{field}: {height}x{width} is over the limit of "
                                     f"{self.limits.max_synthesis_pixels} pixels")
 
-    def _stream(self, context, work, space, options):
-        """Run ``work(reporter_factory, should_stop)`` and yield SynthesisEvents."""
+    def _stream(self, context, torch_model, work, space, options):
+        """Run ``work(reporter_factory, should_stop)`` in ``torch_model``'s scope and yield SynthesisEvents."""
         frames: list[bytes] = []
 
         def run(progress, should_stop):
@@ -62,7 +63,8 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                         frames.append(image)
                     progress(step, total, stage, loss, image if options.preview_every else b"")
                 return report
-            return work(reporter, should_stop)
+            with torch_model.scope():
+                return work(reporter, should_stop)
 
         for kind, value in stream_job(context, run, self.limits.max_job_seconds):
             if kind == "progress":
@@ -116,13 +118,14 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         def work(reporter, should_stop):
             import torch
 
-            start = (space.from_pixels01(torch.full((1, model.config.channels, height, width), 0.5))
+            start = (space.from_pixels01(torch.full((1, model.config.channels, height, width), 0.5,
+                                                    device=torch_model.device))
                      if request.zero_start else space.random(height, width, seed))
             done = optimize.ascend(torch_model, space, objective, start, steps, lr, reg, seed,
                                    reporter(steps, "ascending"), should_stop)
             return None if done is None else synthesis_pb2.SynthesisResult(images=[self._image(space, *done)])
 
-        yield from self._stream(context, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization)
 
     def Invert(self, request, context):
         model, torch_model, space = self._setup(request)
@@ -145,7 +148,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                 images.append(self._image(space, *done, layer=layer.name))
             return synthesis_pb2.SynthesisResult(images=images)
 
-        yield from self._stream(context, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization)
 
     def DeepDream(self, request, context):
         model, torch_model, space = self._setup(request)
@@ -170,7 +173,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                                        reporter(steps * octaves, "dreaming"), should_stop)
             return None if done is None else synthesis_pb2.SynthesisResult(images=[self._image(space, *done)])
 
-        yield from self._stream(context, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization)
 
     def Style(self, request, context):
         model, torch_model, space = self._setup(request)
@@ -214,14 +217,14 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                 raise InvalidArgument("height", f"the model cannot run at {height}x{width}: {error}") from None
             return None if done is None else synthesis_pb2.SynthesisResult(images=[self._image(space, *done)])
 
-        yield from self._stream(context, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization)
 
     def Adversarial(self, request, context):
         import torch
 
         model, torch_model, space = self._setup(request)
         sample = single_input(model, request, self.limits)
-        backend = OrtBackend(model, self.limits.ort_batch)
+        backend = OrtBackend(model)
         x = space.from_sample(sample)
         before = backend.logits(sample[None])[0]
         targeted = request.method == synthesis_pb2.ADVERSARIAL_TARGETED
@@ -255,7 +258,8 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                     return None
                 result_x, history = done
             else:
-                result_x, history = adversarial.fgsm(torch_model, space, x, torch.tensor([int(cls)]), epsilon), []
+                label = torch.tensor([int(cls)], device=torch_model.device)
+                result_x, history = adversarial.fgsm(torch_model, space, x, label, epsilon), []
             adversarial_sample = space.to_sample(result_x)
             after = backend.logits(adversarial_sample[None])[0]  # what the served onnxruntime model says
             result = synthesis_pb2.SynthesisResult(images=[self._image(space, result_x, history)],
@@ -265,14 +269,14 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
             pixels = (delta / space.per_pixel_unit()).detach()
             result.linf_pixels = float(pixels.abs().max())
             to_tensor(space.to_sample(delta), out=result.perturbation)
-            shown = pixels[0].numpy().transpose(1, 2, 0)
+            shown = torch_model.as_numpy(pixels)[0].transpose(1, 2, 0)
             top = float(np.abs(shown).max()) or 1.0
             result.perturbation_png = render.png(((shown / (2 * top) + 0.5) * 255).clip(0, 255).astype(np.uint8)
                                                  if shown.shape[2] == 3 else
                                                  ((shown[..., 0] / (2 * top) + 0.5) * 255).astype(np.uint8))
             return result
 
-        yield from self._stream(context, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization)
 
     def Robustness(self, request, context):
         import torch
@@ -285,7 +289,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         if request.labels and len(request.labels) != len(batch):
             raise InvalidArgument("labels", f"{len(request.labels)} labels for {len(batch)} images")
         labels = (np.asarray(request.labels) if request.labels else
-                  OrtBackend(model, self.limits.ort_batch).logits(batch).argmax(axis=1))
+                  OrtBackend(model).logits(batch).argmax(axis=1))
         if ((labels < 0) | (labels >= model.num_classes)).any():
             raise InvalidArgument("labels", f"outside the model's classes 0..{model.num_classes - 1}")
         chunk = positive(request.batch_size, 8, "batch_size")
@@ -294,10 +298,12 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         if model.fixed_batch:
             chunk = model.fixed_batch
         xs = torch.cat([space.from_sample(sample) for sample in batch])
-        ys = torch.from_numpy(labels.astype(np.int64))
+        ys = torch.from_numpy(labels.astype(np.int64)).to(torch_model.device)
 
         def work(progress, should_stop):
-            return adversarial.robustness_curve(torch_model, space, xs, ys, epsilons, chunk, progress, should_stop)
+            with torch_model.scope():
+                return adversarial.robustness_curve(torch_model, space, xs, ys, epsilons, chunk, progress,
+                                                    should_stop)
 
         for kind, value in stream_job(context, work, self.limits.max_job_seconds):
             if kind == "progress":

@@ -61,24 +61,29 @@ def occlusion(backend, sample: np.ndarray, target: int, window: tuple[int, int],
     cols = window_starts(width, window[1], stride[1])
     positions = [(r, c) for r in rows for c in cols]
 
-    base = backend.logits(sample[None])[0]
-    base_logit, base_probability = float(base[target]), float(softmax(base)[target])
-    logits = np.empty(len(positions), np.float32)
-    probabilities = np.empty(len(positions), np.float32)
-    for begin in range(0, len(positions), chunk):
+    # The clean input rides in the first batch: one input shape for the whole job (a GPU session searches
+    # convolution algorithms per shape) and no separate pass.
+    runs: list[tuple[int, int] | None] = [None, *positions]
+    logits = np.empty(len(runs), np.float32)
+    probabilities = np.empty(len(runs), np.float32)
+    for begin in range(0, len(runs), chunk):
         if should_stop is not None and should_stop():
             return None
-        batch = np.repeat(sample[None], min(chunk, len(positions) - begin), axis=0)
-        for k, (r, c) in enumerate(positions[begin: begin + chunk]):
+        batch = np.repeat(sample[None], min(chunk, len(runs) - begin), axis=0)
+        for k, position in enumerate(runs[begin: begin + chunk]):
+            if position is None:
+                continue
             index = [k, slice(None), slice(None), slice(None)]
-            index[1 + h_axis] = slice(r, r + window[0])
-            index[1 + w_axis] = slice(c, c + window[1])
+            index[1 + h_axis] = slice(position[0], position[0] + window[0])
+            index[1 + w_axis] = slice(position[1], position[1] + window[1])
             batch[tuple(index)] = baseline[tuple(index[1:])]
         scores = backend.logits(batch)
         logits[begin: begin + len(batch)] = scores[:, target]
         probabilities[begin: begin + len(batch)] = softmax(scores)[:, target]
         if progress is not None:
-            progress(begin + len(batch), len(positions))
+            progress(begin + len(batch) - 1, len(positions))
+    base_logit, base_probability = float(logits[0]), float(probabilities[0])
+    logits, probabilities = logits[1:], probabilities[1:]
 
     drops = (base_probability - probabilities) if score == "probability" else (base_logit - logits)
     total = np.zeros((height, width), np.float64)

@@ -36,7 +36,7 @@ def targeted(torch_model, space, x, target: int, step_size: float, epsilon: floa
 
     low, high = space.bounds()
     unit = space.per_pixel_unit()
-    labels = torch.tensor([target])
+    labels = torch.tensor([target], device=torch_model.device)
     adversarial = x.detach().clone()
     history = []
     for step in range(1, steps + 1):

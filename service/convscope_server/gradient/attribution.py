@@ -14,16 +14,13 @@ import numpy as np
 def input_gradients(torch_model, inputs: np.ndarray, target: int, chunk: int, should_stop=None,
                     progress=None, done: int = 0, total: int = 0) -> np.ndarray | None:
     """d logits[:, target] / d inputs for a batch (N, ...), ``chunk`` samples per backward pass."""
-    import torch
-
     grads = np.empty_like(inputs, dtype=np.float32)
     for begin in range(0, len(inputs), chunk):
         if should_stop is not None and should_stop():
             return None
-        x = torch.from_numpy(np.ascontiguousarray(inputs[begin: begin + chunk])).to(torch_model.device)
-        x.requires_grad_(True)
+        x = torch_model.tensor(inputs[begin: begin + chunk]).requires_grad_(True)
         torch_model.logits(x)[:, target].sum().backward()
-        grads[begin: begin + len(x)] = x.grad.detach().cpu().numpy()
+        grads[begin: begin + len(x)] = torch_model.as_numpy(x.grad)
         if progress is not None:
             progress(done + begin + len(x), total or len(inputs))
     return grads

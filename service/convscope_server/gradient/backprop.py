@@ -73,9 +73,7 @@ def modified_gradient(torch_model, sample: np.ndarray, rule: str, target: int | 
                       position: tuple[int, int] | None = None) -> np.ndarray:
     """Gradient of the target logit, or of ``layer``'s channel ``channel`` (summed, or the one neuron at
     ``position`` = (row, col)), w.r.t. the input."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(sample[None])).to(torch_model.device).requires_grad_(True)
+    x = torch_model.tensor(sample[None]).requires_grad_(True)
     with modified_relus(torch_model, rule), torch_model.capture([layer] if layer else []) as store:
         logits = torch_model.logits(x)
         if layer is None:
@@ -84,4 +82,4 @@ def modified_gradient(torch_model, sample: np.ndarray, rule: str, target: int | 
             plane = store[layer].select(channel_axis, channel)  # (N, H, W) whatever the layout
             objective = plane.sum() if position is None else plane[:, position[0], position[1]].sum()
         objective.backward()
-    return x.grad.detach().cpu().numpy()[0]
+    return torch_model.as_numpy(x.grad)[0]

@@ -6,27 +6,113 @@ otherwise the served graph is converted as it is. Either way every tensor keeps 
 onnxruntime side uses, and ``capture`` hooks a tensor by that name. At conversion a seeded random input goes through both
 onnxruntime and torch; a relative difference above 1e-4 (or any conversion error) marks the model
 gradient-unavailable with the reason, and forward methods keep working.
+
+Device and precision belong to the converted model, never to a call site: techniques create tensors with
+``TorchModel.tensor`` (on the module's device, float32) and read them back with ``as_numpy``. Precision
+follows the model's policy: "exact" runs cuDNN convolutions and matmuls in full float32 (torch's default
+for cuDNN is TF32, ~1e-3 relative off on an H100), "tf32" allows TF32 and widens the probe tolerance.
+torch's TF32 switches are process-wide, so on CUDA jobs of models with different policies take turns
+(:class:`PrecisionGate`); on CPU the switches mean nothing and nothing waits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from convscope_server.errors import FailedPrecondition
 
-PROBE_TOLERANCE = 1e-4
+log = logging.getLogger("convscope_server")
+
+# Largest relative difference of the logits, torch vs onnxruntime, on the probe input at load.
+PROBE_TOLERANCE = {"exact": 1e-4, "tf32": 5e-3}
+
+
+def set_tf32(allowed: bool) -> None:
+    """torch's process-wide TF32 switches for cuDNN convolutions and CUDA matmuls."""
+    import torch
+
+    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(getattr(conv, "conv", None), "fp32_precision"):  # torch >= 2.9
+        conv.conv.fp32_precision = "tf32" if allowed else "ieee"
+        matmul.fp32_precision = "tf32" if allowed else "ieee"
+    else:
+        conv.allow_tf32 = allowed
+        matmul.allow_tf32 = allowed
+
+
+def tf32_allowed() -> bool:
+    import torch
+
+    conv = torch.backends.cudnn
+    if hasattr(getattr(conv, "conv", None), "fp32_precision"):
+        return conv.conv.fp32_precision == "tf32"
+    return bool(conv.allow_tf32)
+
+
+class PrecisionGate:
+    """Holds torch's TF32 switches at one precision while any job of that precision runs; a job of another
+    precision waits until they are done. Jobs of the same precision run together."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._precision: str | None = None
+        self._running = 0
+
+    @contextlib.contextmanager
+    def hold(self, precision: str):
+        with self._changed:
+            while self._running and self._precision != precision:
+                self._changed.wait()
+            if not self._running and self._precision != precision:
+                set_tf32(precision == "tf32")
+                self._precision = precision
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                if not self._running:
+                    self._changed.notify_all()
 
 
 class TorchModel:
-    """A converted, frozen module plus the ONNX-name -> submodule map."""
+    """A converted, frozen module plus the ONNX-name -> submodule map, its device and its precision."""
 
-    def __init__(self, module, device, logits_index: int | None):
+    def __init__(self, module, device, logits_index: int | None, precision: str = "exact",
+                 gate: PrecisionGate | None = None):
         self.module = module
         self.device = device
         self.logits_index = logits_index  # which of several graph outputs holds the logits
+        self.precision = precision
+        self.probe_difference = float("nan")
+        self._gate = gate or PrecisionGate()
+
+    def scope(self):
+        """Hold torch's TF32 switches at this model's precision for a whole job (forward and backward);
+        on CPU, where they mean nothing, it does nothing."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return self._gate.hold(self.precision)
+
+    def tensor(self, array):
+        """A numpy array (or torch tensor) as a float32 tensor on the module's device. Random numbers are
+        drawn on the CPU with a seeded generator and moved here, so a seed gives the same image on every
+        device."""
+        import torch
+
+        if isinstance(array, torch.Tensor):
+            return array.to(self.device, torch.float32)
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+    @staticmethod
+    def as_numpy(tensor) -> np.ndarray:
+        return tensor.detach().cpu().numpy()
 
     def logits(self, x):
         """(N, ...) torch input -> (N, classes) logits."""
@@ -34,9 +120,16 @@ class TorchModel:
         out = out[self.logits_index] if isinstance(out, (list, tuple)) else out
         return out.reshape(out.shape[0], -1)
 
-    def submodule(self, tensor_name: str):
-        name = self.module.mapping.get(tensor_name)
-        return None if name is None else getattr(self.module, name)
+    def producer(self, tensor_name: str):
+        """(submodule, output index) computing ``tensor_name``, or None. Multi-output ops (Split) hold
+        every output's name."""
+        if not hasattr(self, "_producers"):
+            mapping = self.module.mapping
+            self._producers = {out: (mapping[node.output[0]], index)
+                               for node in self.module.onnx_model.graph.node if node.output[0] in mapping
+                               for index, out in enumerate(node.output) if out}
+        found = self._producers.get(tensor_name)
+        return None if found is None else (getattr(self.module, found[0]), found[1])
 
     @contextlib.contextmanager
     def capture(self, names: list[str], keep_grad: bool = False):
@@ -46,18 +139,23 @@ class TorchModel:
         store: dict = {}
         handles = []
         for name in names:
-            module = self.submodule(name)
-            if module is None:
+            found = self.producer(name)
+            if found is None:
                 raise FailedPrecondition(f"layer: {name!r} is not a node output the torch module can hook")
+            module, index = found
 
-            def hook(mod, inputs, output, name=name):
+            def hook(mod, inputs, output, name=name, index=index):
+                several = isinstance(output, (list, tuple))
+                value = output[index] if several else output
                 if keep_grad:
-                    if output.requires_grad:
-                        output.retain_grad()
+                    if value.requires_grad:
+                        value.retain_grad()
                     else:
-                        output = output.detach().requires_grad_(True)
-                store[name] = output
-                return output
+                        value = value.detach().requires_grad_(True)
+                store[name] = value
+                if not several:
+                    return value
+                return type(output)([value if i == index else v for i, v in enumerate(output)])
 
             handles.append(module.register_forward_hook(hook))
         try:
@@ -115,8 +213,49 @@ def _fast_clips(module, proto) -> int:
     return swapped
 
 
+def image_dependent(proto) -> set[str]:
+    """Names of the tensors computed from the graph's inputs (not from weights and constants alone)."""
+    initializers = {init.name for init in proto.graph.initializer}
+    reached = {value.name for value in proto.graph.input if value.name not in initializers}
+    for node in proto.graph.node:
+        if any(name in reached for name in node.input):
+            reached.update(out for out in node.output if out)
+    return reached
+
+
+def prepared_for_torch(proto):
+    """A copy of ``proto`` rewritten where onnx2pytorch would fail, every image-dependent tensor kept:
+
+    - BatchNormalization's ``training_mode = 0`` (opset >= 14 exports, e.g. a BN after a Concat) says
+      what inference means anyway and is dropped; onnx2pytorch refuses the attribute.
+    - Weights fed through Identity nodes (the legacy exporter shares bit-identical initializers that
+      way): consumers read the initializer itself, as onnx2pytorch's layers expect parameters to be.
+    """
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    graph = copy.graph
+    constant = {init.name for init in graph.initializer}
+    aliases: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in constant | set(aliases):
+            aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
+        if node.op_type == "BatchNormalization":
+            kept = [a for a in node.attribute if not (a.name == "training_mode" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    for node in graph.node:
+        if node.op_type != "Identity":
+            for index, name in enumerate(node.input):
+                if name in aliases:
+                    node.input[index] = aliases[name]
+    return copy
+
+
 def simplified(proto):
-    """onnxslim's simplification of ``proto`` when it keeps every node-output name, else ``proto``."""
+    """onnxslim's simplification of ``proto`` when it keeps every image-dependent tensor name (those are
+    what requests name), else ``proto``."""
     try:
         import onnx
         import onnxslim
@@ -126,25 +265,70 @@ def simplified(proto):
         slim = onnxslim.slim(copy)
     except Exception:  # onnxslim missing or failing: the served graph converts as it is
         return proto
-    wanted = {out for node in proto.graph.node if node.op_type != "Constant" for out in node.output if out}
+    wanted = image_dependent(proto)
     kept = {out for node in slim.graph.node for out in node.output} | {i.name for i in slim.graph.initializer}
     return slim if wanted <= kept else proto
 
 
-def _convert(model, device: str) -> TorchModel:
+def hookable(module) -> int:
+    """Make every op of a converted module an nn.Module, so that every tensor name can be hooked:
+    onnx2pytorch keeps Concat as ``functools.partial(torch.cat)`` and unknown ops as plain torch
+    functions. Returns how many were wrapped."""
+    import functools
+
     import torch
+
+    class Concat(torch.nn.Module):
+        def __init__(self, dim: int):
+            super().__init__()
+            self.dim = dim
+
+        def forward(self, *tensors):
+            return torch.cat(tensors, dim=self.dim)
+
+    class Function(torch.nn.Module):
+        def __init__(self, function):
+            super().__init__()
+            self.function = function
+
+        def forward(self, *args):
+            return self.function(*args)
+
+    wrapped = 0
+    for name in set(module.mapping.values()):
+        op = getattr(module, name)
+        if isinstance(op, torch.nn.Module):
+            continue
+        if isinstance(op, functools.partial) and op.func is torch.cat:
+            op = Concat(op.keywords.get("dim", op.keywords.get("axis", 0)))
+        else:
+            op = Function(op)
+        delattr(module, name)
+        setattr(module, name, op)
+        wrapped += 1
+    return wrapped
+
+
+def torch_device(device: str):
+    """The torch device for the server's ``--device``: CUDA when allowed and present, else CPU."""
+    import torch
+
+    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _convert(model, device, gate: PrecisionGate) -> TorchModel:
     from onnx2pytorch import ConvertModel
 
-    graph = simplified(model.proto)
+    graph = simplified(prepared_for_torch(model.proto))
     module = ConvertModel(graph, experimental=True)
     _fast_clips(module, graph)
+    hookable(module)
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    target = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     outputs = [o.name for o in model.proto.graph.output]
     index = outputs.index(model.config.logits_output) if len(outputs) > 1 else None
-    return TorchModel(module.to(target), target, index)
+    return TorchModel(module.to(device), device, index, model.precision, gate)
 
 
 def _probe_difference(model, torch_model: TorchModel) -> float:
@@ -156,33 +340,60 @@ def _probe_difference(model, torch_model: TorchModel) -> float:
     x = np.random.default_rng(0).normal(size=(batch, *sample_shape(model.config))).astype(np.float32)
     (expected,) = model.session.run([model.config.logits_output], {model.config.input_name: x})
     with torch.no_grad():
-        got = torch_model.logits(torch.from_numpy(x).to(torch_model.device)).cpu().numpy()
+        got = torch_model.as_numpy(torch_model.logits(torch_model.tensor(x)))
     expected = expected.reshape(len(x), -1)
     return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
 
 
 class TorchBridges:
-    """Converts each model on first use, keeps the result (or the reason it failed)."""
+    """Converts each model once, in the background from start-up (:meth:`warm`) or on its first gradient
+    request, and keeps the result (or the reason it failed). Conversions run one at a time; a request for
+    a model still waiting in the queue converts it at once instead of waiting behind the others."""
 
     def __init__(self, device: str = "auto"):
         self.device = device
-        self._done: dict[str, TorchModel | str] = {}
+        self.gate = PrecisionGate()
+        self._jobs: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convscope-convert")
+
+    def warm(self, models) -> None:
+        """Queue every model's conversion, so the first gradient call finds its module ready."""
+        with self._lock:
+            for model in models:
+                if model.name not in self._jobs:
+                    self._jobs[model.name] = self._queue.submit(self._build, model)
 
     def get(self, model) -> TorchModel:
         with self._lock:
-            done = self._done.get(model.name)
-            if done is None:
-                done = self._build(model)
-                self._done[model.name] = done
+            job = self._jobs.get(model.name)
+            if job is None or job.cancel():  # not queued, or queued and not started: convert here
+                job = Future()
+                self._jobs[model.name] = job
+                job.set_running_or_notify_cancel()
+                inline = True
+            else:
+                inline = False
+        if inline:
+            job.set_result(self._build(model))
+        done = job.result()
         if isinstance(done, str):
             raise FailedPrecondition(f"model: {model.name!r} has no gradient path: {done}")
         return done
 
-    def status(self, name: str) -> str | None:
-        """None when not converted yet, "" when ready, else the reason it is unavailable."""
-        done = self._done.get(name)
-        return None if done is None else "" if isinstance(done, TorchModel) else done
+    def status(self, name: str) -> tuple[str, str, TorchModel | None]:
+        """(state, reason, module): state is "not converted", "converting", "ready" or "unavailable"."""
+        with self._lock:
+            job = self._jobs.get(name)
+        if job is None or job.cancelled():
+            return "not converted", "", None
+        if not job.done():
+            return "converting", "", None
+        done = job.result()
+        return ("unavailable", done, None) if isinstance(done, str) else ("ready", "", done)
+
+    def shutdown(self) -> None:
+        self._queue.shutdown(wait=False, cancel_futures=True)
 
     def _build(self, model) -> TorchModel | str:
         try:
@@ -190,15 +401,20 @@ class TorchBridges:
             import onnx2pytorch  # noqa: F401
         except ImportError as error:
             return f"the server has no torch/onnx2pytorch installed ({error}); install convscope[gradient]"
+        device = torch_device(self.device)
         try:
-            torch_model = _convert(model, self.device)
+            torch_model = _convert(model, device, self.gate)
         except Exception as error:  # onnx2pytorch raises NotImplementedError / KeyError / ... per op
             return f"onnx2pytorch cannot convert the graph: {type(error).__name__}: {error}"
+        tolerance = PROBE_TOLERANCE[torch_model.precision]
         try:
-            difference = _probe_difference(model, torch_model)
+            with torch_model.scope():
+                difference = _probe_difference(model, torch_model)
         except Exception as error:
             return f"the converted module fails on a probe input: {type(error).__name__}: {error}"
-        if not difference <= PROBE_TOLERANCE:
+        if not difference <= tolerance:
             return (f"the converted module disagrees with onnxruntime on a probe input (relative difference "
-                    f"{difference:.2e} > {PROBE_TOLERANCE:.0e})")
+                    f"{difference:.2e} > {tolerance:.0e} for precision {torch_model.precision!r})")
+        torch_model.probe_difference = difference
+        log.info("model %s: torch module ready on %s (probe difference %.1e)", model.name, device, difference)
         return torch_model

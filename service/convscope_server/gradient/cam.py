@@ -19,13 +19,11 @@ def _scale(cam: np.ndarray) -> np.ndarray:
 
 def layer_and_gradient(torch_model, sample: np.ndarray, target: int, layer: str):
     """The layer's activation and d logit[target] / d activation for one sample, as numpy."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(sample[None])).to(torch_model.device)
+    x = torch_model.tensor(sample[None])
     with torch_model.capture([layer], keep_grad=True) as store:  # backward starts and stops at the layer
         torch_model.logits(x)[:, target].sum().backward()
         activation = store[layer]
-    return activation.detach().cpu().numpy()[0], activation.grad.detach().cpu().numpy()[0]
+    return torch_model.as_numpy(activation)[0], torch_model.as_numpy(activation.grad)[0]
 
 
 def cam_weights(activation: np.ndarray, grads: np.ndarray, method: str) -> np.ndarray:

@@ -42,7 +42,7 @@ def weighted_layers(torch_model, proto) -> list[tuple[str, object]]:
     for node in proto.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or node.output[0] not in torch_model.module.mapping:
             continue
-        module = torch_model.submodule(node.output[0])
+        module, _ = torch_model.producer(node.output[0])
         holders = [m for m in module.modules() if getattr(m, "weight", None) is not None]
         if holders:
             found.append((node.output[0], holders[-1]))
@@ -50,7 +50,8 @@ def weighted_layers(torch_model, proto) -> list[tuple[str, object]]:
 
 
 def randomize(module, generator) -> None:
-    """Re-initialise weight and bias with Gaussians of the same standard deviation as the trained ones."""
+    """Re-initialise weight and bias with Gaussians of the same standard deviation as the trained ones,
+    drawn on the CPU with ``generator`` (the same weights on every device) and moved to the module's."""
     import torch
 
     for name in ("weight", "bias"):
@@ -59,7 +60,7 @@ def randomize(module, generator) -> None:
             continue
         std = float(tensor.detach().std()) if tensor.numel() > 1 else 1.0
         with torch.no_grad():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * (std or 1.0))
+            tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor.device) * (std or 1.0))
 
 
 @dataclass
@@ -76,9 +77,8 @@ def cascading_randomization(torch_model, proto, maps: dict, layers: int, seed: i
     to randomise from the top (0: all)."""
     import torch
 
-    from convscope_server.gradient.bridge import TorchModel
-
-    copy_model = TorchModel(copy.deepcopy(torch_model.module), torch_model.device, torch_model.logits_index)
+    copy_model = copy.copy(torch_model)  # same device, precision and gate; its own weights
+    copy_model.module = copy.deepcopy(torch_model.module)
     order = weighted_layers(copy_model, proto)
     order = order[:layers] if layers else order
     total = (len(order) + 1) * len(maps)

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import onnx
 
-from convscope_server.onnx.session import create_session
+from convscope_server.onnx.session import SessionSettings, create_session
 
 
 def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -35,10 +35,9 @@ def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 class ProbeCache:
     """Up to ``capacity`` probe sessions for one model, least recently used evicted first."""
 
-    def __init__(self, proto: onnx.ModelProto, device: str, threads: int, capacity: int = 8):
+    def __init__(self, proto: onnx.ModelProto, settings: SessionSettings, capacity: int = 8):
         self._proto = proto
-        self._device = device
-        self._threads = threads
+        self._settings = settings
         self._capacity = capacity
         self._sessions: OrderedDict[frozenset, object] = OrderedDict()
         self._lock = threading.Lock()
@@ -50,8 +49,7 @@ class ProbeCache:
                 self._sessions.move_to_end(key)
                 return self._sessions[key]
         # Built outside the lock: a slow build for one request does not stall probes of others.
-        session = create_session(with_outputs(self._proto, sorted(key)).SerializeToString(), self._device,
-                                 self._threads)
+        session = create_session(with_outputs(self._proto, sorted(key)).SerializeToString(), self._settings)
         with self._lock:
             self._sessions[key] = session
             self._sessions.move_to_end(key)

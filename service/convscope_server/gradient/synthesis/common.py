@@ -1,8 +1,8 @@
 """What every synthesis job shares: the model's input space, objectives, regularisers, previews.
 
-Images are optimised as NCHW float tensors in the model's input space (after mean/std); ``InputSpace``
-knows the valid range per channel, converts to and from [0, 1] pixels, and lays images out as the model
-wants (NHWC models get a permute).
+Images are optimised as NCHW float tensors in the model's input space (after mean/std) on the converted
+module's device; ``InputSpace`` knows the valid range per channel, converts to and from [0, 1] pixels, and
+lays images out as the model wants (NHWC models get a permute).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from convscope_server.gradient.bridge import TorchModel
 
 
 @dataclass
@@ -19,44 +21,47 @@ class InputSpace:
     scale: float
     layout: str
     bgr: bool
+    device: object = "cpu"  # the torch module's device: every tensor made here lives there
 
     @classmethod
-    def of(cls, config) -> InputSpace:
+    def of(cls, config, device="cpu") -> InputSpace:
         return cls(np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32), config.scale,
-                   config.layout, config.channel_order == "BGR")
+                   config.layout, config.channel_order == "BGR", device)
+
+    def _per_channel(self, values: np.ndarray):
+        """(C,) numpy -> (1, C, 1, 1) tensor on the device."""
+        import torch
+
+        return torch.from_numpy(values).to(self.device).view(1, -1, 1, 1)
 
     def bounds(self):
         """(low, high) per channel, shaped (1, C, 1, 1) torch tensors: the input of pixels 0 and 1."""
-        import torch
-
         low = (0 - self.mean) / self.std
         high = (self.scale - self.mean) / self.std
-        return (torch.from_numpy(low).view(1, -1, 1, 1), torch.from_numpy(high).view(1, -1, 1, 1))
+        return self._per_channel(low), self._per_channel(high)
 
     def per_pixel_unit(self):
         """How far one [0, 1] pixel unit moves each channel of the input, (1, C, 1, 1)."""
-        import torch
-
-        return torch.from_numpy(self.scale / self.std).view(1, -1, 1, 1)
+        return self._per_channel(self.scale / self.std)
 
     def from_sample(self, sample: np.ndarray):
-        """One model-input sample (model layout) -> (1, C, H, W) torch tensor."""
+        """One model-input sample (model layout) -> (1, C, H, W) torch tensor on the device."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(sample))[None]
+        x = torch.from_numpy(np.ascontiguousarray(sample)).to(self.device)[None]
         return x.permute(0, 3, 1, 2).contiguous() if self.layout == "NHWC" else x
 
     def to_sample(self, x) -> np.ndarray:
         """(1, C, H, W) torch tensor -> one model-input sample in the model's layout."""
-        x = x.detach().cpu()[0]
-        return (x.permute(1, 2, 0) if self.layout == "NHWC" else x).numpy().astype(np.float32)
+        x = TorchModel.as_numpy(x)[0]
+        return (x.transpose(1, 2, 0) if self.layout == "NHWC" else x).astype(np.float32)
 
     def model_input(self, x):
         return x.permute(0, 2, 3, 1) if self.layout == "NHWC" else x
 
     def pixels(self, x) -> np.ndarray:
         """(1, C, H, W) input -> uint8 HxWx3 RGB for showing."""
-        chw = x.detach().cpu()[0].numpy()
+        chw = TorchModel.as_numpy(x)[0]
         hwc = (chw.transpose(1, 2, 0) * self.std + self.mean) * (255.0 / self.scale)
         if self.bgr:
             hwc = hwc[..., ::-1]
@@ -64,18 +69,18 @@ class InputSpace:
         return np.repeat(hwc, 3, axis=2) if hwc.shape[2] == 1 else hwc
 
     def random(self, height: int, width: int, seed: int, spread: float = 0.1):
-        """A random image near mid-grey, (1, C, H, W)."""
+        """A random image near mid-grey, (1, C, H, W), drawn on the CPU (a seed gives the same image on every
+        device) and moved to the device."""
         import torch
 
         generator = torch.Generator().manual_seed(seed)
-        pixels = 0.5 + spread * torch.randn(1, len(self.mean), height, width, generator=generator)
-        return self.from_pixels01(pixels)
+        noise = torch.randn(1, len(self.mean), height, width, generator=generator).to(self.device)
+        return self.from_pixels01(0.5 + spread * noise)
 
     def from_pixels01(self, pixels):
-        import torch
-
-        mean = torch.from_numpy(self.mean / self.scale).view(1, -1, 1, 1)
-        std = torch.from_numpy(self.std / self.scale).view(1, -1, 1, 1)
+        """(1, C, H, W) [0, 1] pixels on the device -> model input."""
+        mean = self._per_channel(self.mean / self.scale)
+        std = self._per_channel(self.std / self.scale)
         return ((pixels - mean) / std).float()
 
 
@@ -105,7 +110,7 @@ def gaussian_blur(x, sigma: float):
     import torch.nn.functional as F
 
     radius = max(1, int(np.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-0.5 * (t / sigma) ** 2)
     kernel = kernel / kernel.sum()
     channels = x.shape[1]

@@ -18,7 +18,7 @@ def deepdream(torch_model, space, x0, layer: str, octaves: int, octave_scale: fl
     height, width = x0.shape[2:]
     sizes = [(max(8, round(height / octave_scale ** k)), max(8, round(width / octave_scale ** k)))
              for k in reversed(range(octaves))]
-    detail = torch.zeros(1, x0.shape[1], *sizes[0])
+    detail = torch.zeros(1, x0.shape[1], *sizes[0], device=torch_model.device)
     losses, done = [], 0
     x = x0
     for size in sizes:

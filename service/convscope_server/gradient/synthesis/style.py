@@ -65,7 +65,7 @@ def stylize(torch_model, space, style, content, style_layers: list[str], content
             opt.zero_grad()
             loss = objective()
             loss.backward()
-            value["loss"] = float(loss)
+            value["loss"] = float(loss.detach())
             return loss
 
         opt.step(closure)
