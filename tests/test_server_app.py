@@ -71,6 +71,52 @@ def test_server_process_serves_and_stops_gracefully_on_sigterm(repository):
             process.kill()
 
 
+def test_sigterm_during_streamed_jobs_stops_them_and_exits_cleanly(repository, chelsea):
+    """An occlusion job on onnxruntime and a class visualisation on torch are running when SIGTERM comes:
+    both are stopped between steps, the clients see the calls end, and the process exits 0 well within
+    the grace period plus start-up work, without an abort from a thread still inside torch."""
+    import threading
+    import time
+
+    from convscope import Client
+
+    process, address = _start_process(repository, "--grace-seconds", "3", "--gradient-warmup", "false")
+    started = {"occlusion": threading.Event(), "classvis": threading.Event()}
+    ended = {}
+
+    def run(name, call):
+        def progress(*_):
+            started[name].set()
+        try:
+            call(progress)
+        except Exception as error:  # the server going away ends the call with an error
+            ended[name] = error
+        else:
+            ended[name] = None
+
+    try:
+        with Client(address, timeout=120) as client:
+            jobs = [threading.Thread(target=run, args=("occlusion", lambda p: client.occlusion(
+                        "efficientnet_lite0", chelsea, window=4, stride=2, progress=p))),
+                    threading.Thread(target=run, args=("classvis", lambda p: client.class_visualization(
+                        "efficientnet_lite0", 130, steps=2000, progress=p)))]
+            for job in jobs:
+                job.start()
+            for name, event in started.items():
+                assert event.wait(120), f"{name} never reported progress"
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+            stopped_after = time.monotonic() - signalled
+            for job in jobs:
+                job.join(30)
+        assert set(ended) == {"occlusion", "classvis"}
+        assert stopped_after < 3 + 15, f"the server took {stopped_after:.1f} s to stop"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_cli_models_describe_predict(server, tmp_path, chelsea, coffee):
     (tmp_path / "chelsea.png").write_bytes(png_bytes(chelsea))
     (tmp_path / "coffee.png").write_bytes(png_bytes(coffee))
