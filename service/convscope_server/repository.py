@@ -34,13 +34,15 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from convscope_server.errors import FailedPrecondition, NotFound
 from convscope_server.onnx.graph import LayerInfo, constants, describe_graph, tensor_types
 from convscope_server.onnx.loading import ModelLoadError, inside, load_model
 from convscope_server.onnx.probes import ProbeCache
-from convscope_server.onnx.session import PRECISIONS, SessionSettings, create_session, default_batch, run_batched
+from convscope_server.onnx.session import (INPUT_DATATYPES, PRECISIONS, SessionSettings, create_session, default_batch,
+                                           graph_input, run_batched)
 
 log = logging.getLogger("convscope_server")
 
@@ -70,6 +72,7 @@ class ModelConfig:
     labels_file: str | None
     guessed: list[str] = field(default_factory=list)
     precision: str = ""             # [runtime] precision; "" follows the server's --precision
+    input_datatype: str = "FP32"    # the graph input's type; integer inputs get pixel values (0..255)
 
 
 @dataclass
@@ -87,6 +90,7 @@ class LoadedModel:
     probes: ProbeCache              # sessions that expose inner tensors, cached by tensor set
     run_batch: int = 16             # samples per onnxruntime run on a dynamic-batch graph
     precision: str = "exact"        # "exact" (float32) or "tf32", for onnxruntime and the torch module
+    _layer_index: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
 
     @property
     def stable_shapes(self) -> bool:
@@ -95,9 +99,9 @@ class LoadedModel:
 
     def run(self, batch, outputs: list[str], session=None) -> list:
         """Run model inputs (N, ...) through the prediction session (or ``session``, a probe) in batches."""
-        return run_batched(session or self.session, self.config.input_name, batch, outputs, self.fixed_batch,
-                           self.run_batch, self.stable_shapes)
-    _layer_index: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
+        return run_batched(session or self.session, self.config.input_name,
+                           graph_input(batch, INPUT_DATATYPES[self.config.input_datatype]), outputs,
+                           self.fixed_batch, self.run_batch, self.stable_shapes)
 
     def layer(self, name: str, field_name: str = "layer") -> LayerInfo:
         """Resolve a tensor name, or a node name (to its first output). Raises NotFound with close matches."""
@@ -166,7 +170,10 @@ def build_config(proto: onnx.ModelProto, raw: dict) -> ModelConfig:
     input_name = pick(inp, "name", graph_inputs[0] if graph_inputs else "", "input.name")
     if input_name not in graph_inputs:
         raise ConfigError(f"config.toml [input] name {input_name!r} is not a graph input {graph_inputs}")
-    shape = types[input_name][1]
+    datatype, shape = types[input_name][0], types[input_name][1]
+    if datatype not in INPUT_DATATYPES:
+        raise ConfigError(f"input {input_name!r} has type {datatype}; an image input needs one of "
+                          f"{sorted(INPUT_DATATYPES)}")
     if len(shape) != 4:
         raise ConfigError(f"input {input_name!r} has shape {list(shape)}; an image input needs 4 axes")
     inferred_layout = "NHWC" if shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4) else "NCHW"
@@ -185,9 +192,11 @@ def build_config(proto: onnx.ModelProto, raw: dict) -> ModelConfig:
     channel_order = pick(inp, "channel_order", "RGB", "input.channel_order")
     if channel_order not in ("RGB", "BGR"):
         raise ConfigError("config.toml [input] channel_order must be RGB or BGR")
-    scale = float(pick(inp, "scale", 1.0, "input.scale"))
-    default_mean = IMAGENET_MEAN if channels == 3 else (0.5,) * channels
-    default_std = IMAGENET_STD if channels == 3 else (0.5,) * channels
+    integer = np.issubdtype(INPUT_DATATYPES[datatype], np.integer)
+    # An integer input (uint8 in TF/TFLite exports) takes pixels as they are: the graph normalises them.
+    scale = float(pick(inp, "scale", 255.0 if integer else 1.0, "input.scale"))
+    default_mean = (0.0,) * channels if integer else IMAGENET_MEAN if channels == 3 else (0.5,) * channels
+    default_std = (1.0,) * channels if integer else IMAGENET_STD if channels == 3 else (0.5,) * channels
     mean = tuple(float(v) for v in pick(inp, "mean", default_mean, "input.mean"))
     std = tuple(float(v) for v in pick(inp, "std", default_std, "input.std"))
     if len(mean) != channels or len(std) != channels or any(s == 0 for s in std):
@@ -209,7 +218,7 @@ def build_config(proto: onnx.ModelProto, raw: dict) -> ModelConfig:
     if precision not in ("", *PRECISIONS):
         raise ConfigError(f"config.toml [runtime] precision must be one of {list(PRECISIONS)}, not {precision!r}")
     return ModelConfig(input_name, height, width, channels, layout, channel_order, scale, mean, std, resize,
-                       crop_fraction, logits, softmax, labels, guessed, precision)
+                       crop_fraction, logits, softmax, labels, guessed, precision, datatype)
 
 
 def _read_labels(folder: Path, config: ModelConfig) -> list[str]:

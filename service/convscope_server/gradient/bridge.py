@@ -337,8 +337,13 @@ def _probe_difference(model, torch_model: TorchModel) -> float:
     from convscope_server.images import sample_shape
 
     batch = model.fixed_batch or 2
-    x = np.random.default_rng(0).normal(size=(batch, *sample_shape(model.config))).astype(np.float32)
-    (expected,) = model.session.run([model.config.logits_output], {model.config.input_name: x})
+    rng = np.random.default_rng(0)
+    shape = (batch, *sample_shape(model.config))
+    if model.config.input_datatype == "FP32":
+        x = rng.normal(size=shape).astype(np.float32)
+    else:  # integer pixels for uint8 graphs, values in the type's range for the others
+        x = rng.integers(0, 256, size=shape).astype(np.float32)
+    (expected,) = model.run(x, [model.config.logits_output])
     with torch.no_grad():
         got = torch_model.as_numpy(torch_model.logits(torch_model.tensor(x)))
     expected = expected.reshape(len(x), -1)

@@ -15,6 +15,9 @@ import numpy as np
 import onnxruntime as ort
 
 PRECISIONS = ("exact", "tf32")
+# Graph input types an image can be fed as (Describe's datatype names).
+INPUT_DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": np.uint8,
+                   "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64}
 CPU_BATCH, CUDA_BATCH = 16, 128
 
 
@@ -51,6 +54,18 @@ def create_session(model_bytes: bytes, settings: SessionSettings = SessionSettin
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     return ort.InferenceSession(model_bytes, options, providers=providers_for(settings))
+
+
+def graph_input(batch: np.ndarray, dtype) -> np.ndarray:
+    """Model inputs (float32, as every technique computes them) in the graph input's type: integer inputs
+    get the values rounded and clipped to the type's range (a perturbed or synthesised image is what the
+    deployed model would see once written as pixels)."""
+    if batch.dtype == dtype:
+        return batch
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(batch), info.min, info.max).astype(dtype)
+    return batch.astype(dtype)
 
 
 def default_batch(provider: str) -> int:
