@@ -93,6 +93,21 @@ def test_warmup_converts_every_model_in_the_background(precision_repository):
         server.stop(0)
 
 
+def test_converted_modules_beyond_the_limit_are_dropped_least_recently_used_first(precision_repository):
+    server = start(precision_repository, max_gradient_models=1)
+    x = np.zeros((3, SIZE, SIZE), np.float32)
+    try:
+        with Client(server.address) as client:
+            first = client.saliency("tiny", x, target=1).attribution
+            client.saliency("tiny_exact", x, target=1)
+            assert client.describe("tiny").gradient["state"] == "not converted"
+            assert client.describe("tiny_exact").gradient["state"] == "ready"
+            np.testing.assert_array_equal(client.saliency("tiny", x, target=1).attribution, first)
+            assert client.describe("tiny_exact").gradient["state"] == "not converted"
+    finally:
+        server.stop(0)
+
+
 def test_precision_gate_holds_torch_switches_at_each_jobs_precision():
     """Jobs of one precision run together with TF32 set their way; a job of the other precision waits
     until they are done, then finds the switches set its own way."""

@@ -88,7 +88,7 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
                  ("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.so_reuseport", 0)],
     )
-    bridges = TorchBridges(config.device)
+    bridges = TorchBridges(config.device, config.max_gradient_models)
     if config.gradient_warmup:
         bridges.warm(model for name in repository.names() if (model := repository.status(name)[0]))
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(repository, config, bridges), server)

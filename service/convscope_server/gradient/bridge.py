@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -351,21 +352,25 @@ def _probe_difference(model, torch_model: TorchModel) -> float:
 
 
 class TorchBridges:
-    """Converts each model once, in the background from start-up (:meth:`warm`) or on its first gradient
-    request, and keeps the result (or the reason it failed). Conversions run one at a time; a request for
-    a model still waiting in the queue converts it at once instead of waiting behind the others."""
+    """Converts each model in the background from start-up (:meth:`warm`) or on its first gradient request,
+    and keeps the result (or the reason it failed). Conversions run one at a time; a request for a model
+    still waiting in the queue converts it at once instead of waiting behind the others. At most
+    ``capacity`` converted modules are kept (each holds a copy of the weights, on the GPU when there is
+    one): the least recently used is dropped, and converted again when next asked for."""
 
-    def __init__(self, device: str = "auto"):
+    def __init__(self, device: str = "auto", capacity: int = 8):
         self.device = device
+        self.capacity = max(1, capacity)
         self.gate = PrecisionGate()
-        self._jobs: dict[str, Future] = {}
+        self._jobs: OrderedDict[str, Future] = OrderedDict()
         self._lock = threading.Lock()
         self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convscope-convert")
 
     def warm(self, models) -> None:
-        """Queue every model's conversion, so the first gradient call finds its module ready."""
+        """Queue the conversion of the first ``capacity`` models, so their first gradient call finds
+        the module ready."""
         with self._lock:
-            for model in models:
+            for model in list(models)[: self.capacity]:
                 if model.name not in self._jobs:
                     self._jobs[model.name] = self._queue.submit(self._build, model)
 
@@ -379,12 +384,24 @@ class TorchBridges:
                 inline = True
             else:
                 inline = False
+            self._jobs.move_to_end(model.name)
         if inline:
             job.set_result(self._build(model))
+            self._evict()
         done = job.result()
         if isinstance(done, str):
             raise FailedPrecondition(f"model: {model.name!r} has no gradient path: {done}")
         return done
+
+    def _evict(self) -> None:
+        """Drop the least recently used converted modules beyond ``capacity``. Jobs still running keep
+        their module until they finish; failures (a reason string) cost nothing and are kept."""
+        with self._lock:
+            ready = [name for name, job in self._jobs.items()
+                     if job.done() and not job.cancelled() and isinstance(job.result(), TorchModel)]
+            for name in ready[: max(0, len(ready) - self.capacity)]:
+                del self._jobs[name]
+                log.info("model %s: torch module dropped (least recently used of %d)", name, self.capacity)
 
     def status(self, name: str) -> tuple[str, str, TorchModel | None]:
         """(state, reason, module): state is "not converted", "converting", "ready" or "unavailable"."""
