@@ -78,6 +78,26 @@ def test_probes_never_touch_the_prediction_session(client, server, chelsea):
     assert [o.name for o in session.get_outputs()] == ["logits"]
 
 
+def test_probe_sessions_of_all_models_stay_within_one_bound(client, server):
+    """--max-probe-sessions bounds the sessions of every model together (each holds a model copy);
+    evicted ones are rebuilt on demand with the same results."""
+    from convscope_server.onnx import probes
+
+    tiny, nhwc = server.repository.get("tiny"), server.repository.get("tiny_nhwc")
+    first = client.activations("tiny", X_TINY, ["/conv1/Conv_output_0"])["/conv1/Conv_output_0"].values
+    saved = probes.SESSIONS.capacity
+    probes.SESSIONS.capacity = 2
+    try:
+        for layer in ("/conv2/Conv_output_0", "/conv3/Conv_output_0"):
+            client.activations("tiny", X_TINY, [layer])
+        client.activations("tiny_nhwc", np.ascontiguousarray(X_TINY.transpose(1, 2, 0)), ["/conv1/Conv_output_0"])
+        assert len(tiny.probes) + len(nhwc.probes) <= 2 and len(nhwc.probes) == 1
+        again = client.activations("tiny", X_TINY, ["/conv1/Conv_output_0"])["/conv1/Conv_output_0"].values
+        np.testing.assert_array_equal(again, first)
+    finally:
+        probes.SESSIONS.capacity = saved
+
+
 def test_nhwc_and_fixed_batch_activations(client):
     nchw = client.activations("tiny", X_TINY, ["/conv1/Conv_output_0"])["/conv1/Conv_output_0"].values
     nhwc = client.activations("tiny_nhwc", np.ascontiguousarray(X_TINY.transpose(1, 2, 0)),

@@ -33,6 +33,7 @@ from convscope_server.datasets import DataRoot
 from convscope_server.galleries import GalleryStore
 from convscope_server.errors import ErrorInterceptor, TokenInterceptor
 from convscope_server.gradient.bridge import TorchBridges
+from convscope_server.onnx import probes
 from convscope_server.onnx.session import PRECISIONS, SessionSettings
 from convscope_server.repository import ModelRepository
 
@@ -74,6 +75,7 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     """Load the repository (unless given) and start serving on ``config.host:config.port``."""
     if config.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {config.precision!r}")
+    probes.SESSIONS.capacity = config.max_probe_sessions
     if repository is None:
         repository = ModelRepository(config.repository, SessionSettings(config.device, config.ort_threads,
                                                                         config.precision), config.ort_batch)

@@ -33,6 +33,7 @@ class ServerConfig:
     decode_workers: int = 0                # threads decoding images in dataset scans; 0: one per core
     gradient_warmup: bool = True           # convert every model to torch in the background at start-up
     max_gradient_models: int = 8           # converted torch modules kept (least recently used dropped)
+    max_probe_sessions: int = 16           # onnxruntime sessions exposing inner tensors, all models together
     max_scan_images: int = 200_000         # images in one dataset scan (patches, gallery)
     max_top_k: int = 100                   # images kept per channel by a patch scan; neighbours per query
     max_embed_points: int = 20_000         # points in one PCA / t-SNE embedding
@@ -82,7 +83,9 @@ def add_arguments(parser) -> None:
         "gradient_warmup": "convert each model for gradient methods in the background at start-up, so the "
         "first gradient call does not wait (true/false)",
         "max_gradient_models": "converted torch modules kept in memory; the least recently used is dropped "
-        "and converted again on its next gradient request", "ort_threads": "intra-op threads per session (0: auto)",
+        "and converted again on its next gradient request",
+        "max_probe_sessions": "onnxruntime sessions that expose inner tensors kept for all models together "
+        "(each holds a copy of its model)", "ort_threads": "intra-op threads per session (0: auto)",
         "device": "auto (CUDA when available) or cpu", "grace_seconds": "grace period on SIGTERM",
     }
     for name, default in vars(defaults).items():

@@ -32,30 +32,51 @@ def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return exposed
 
 
-class ProbeCache:
-    """Up to ``capacity`` probe sessions for one model, least recently used evicted first."""
+class SessionPool:
+    """Probe sessions of every model under one bound: each holds its own copy of the model's weights (and
+    its optimised graph), so a server with many models must not keep a few per model. Least recently used
+    first out; a request still running on an evicted session finishes with it."""
 
-    def __init__(self, proto: onnx.ModelProto, settings: SessionSettings, capacity: int = 8):
-        self._proto = proto
-        self._settings = settings
-        self._capacity = capacity
-        self._sessions: OrderedDict[frozenset, object] = OrderedDict()
+    def __init__(self, capacity: int = 16):
+        self.capacity = capacity
+        self._sessions: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def session(self, names) -> object:
-        key = frozenset(names)
+    def get(self, key, build):
         with self._lock:
             if key in self._sessions:
                 self._sessions.move_to_end(key)
                 return self._sessions[key]
         # Built outside the lock: a slow build for one request does not stall probes of others.
-        session = create_session(with_outputs(self._proto, sorted(key)).SerializeToString(), self._settings)
+        session = build()
         with self._lock:
             self._sessions[key] = session
             self._sessions.move_to_end(key)
-            while len(self._sessions) > self._capacity:
+            while len(self._sessions) > max(1, self.capacity):
                 self._sessions.popitem(last=False)
         return session
 
+    def count(self, owner) -> int:
+        with self._lock:
+            return sum(1 for key in self._sessions if key[0] is owner)
+
+
+# One pool per process (--max-probe-sessions): memory is the process's, whatever serves from it.
+SESSIONS = SessionPool()
+
+
+class ProbeCache:
+    """The probe sessions of one model, kept in the process-wide :data:`SESSIONS` pool."""
+
+    def __init__(self, proto: onnx.ModelProto, settings: SessionSettings, pool: SessionPool | None = None):
+        self._proto = proto
+        self._settings = settings
+        self._pool = pool or SESSIONS
+
+    def session(self, names) -> object:
+        key = frozenset(names)
+        return self._pool.get((self, key), lambda: create_session(
+            with_outputs(self._proto, sorted(key)).SerializeToString(), self._settings))
+
     def __len__(self) -> int:
-        return len(self._sessions)
+        return self._pool.count(self)
