@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy as np
 import onnx
 
 from convscope_server.errors import FailedPrecondition, NotFound
-from convscope_server.onnx.graph import LayerInfo, constants, describe_graph, tensor_types
+from convscope_server.onnx.graph import LayerInfo, constants, describe_graph, tensor_types, unresolved
 from convscope_server.onnx.loading import ModelLoadError, inside, load_model
-from convscope_server.onnx.probes import ProbeCache
+from convscope_server.onnx.probes import ProbeCache, measure_shapes
 from convscope_server.onnx.session import (INPUT_DATATYPES, PRECISIONS, SessionSettings, create_session, default_batch,
                                            graph_input, run_batched)
 
@@ -236,13 +237,37 @@ def _read_labels(folder: Path, config: ModelConfig) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def runtime_shapes(name: str, proto: onnx.ModelProto, config: ModelConfig, threads: int = 0) -> dict:
+    """Shapes that shape inference left open, measured by one run on a zero image (batch 1, or the batch
+    the graph fixes) so that the graph analysis can follow run-time Reshapes; {} when inference resolved
+    every shape, or when the run fails (the analysis then stops where the shapes end)."""
+    names = unresolved(proto)
+    if not names:
+        return {}
+    value = next(v for v in proto.graph.input if v.name == config.input_name)
+    fixed = tensor_types(proto)[config.input_name][1][0]
+    shape = (max(fixed, 1), config.channels, config.height, config.width)
+    if config.layout == "NHWC":
+        shape = (shape[0], config.height, config.width, config.channels)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    try:
+        shapes = measure_shapes(proto, names, config.input_name, np.zeros(shape, dtype), threads)
+    except Exception as error:  # onnxruntime raises its own types
+        log.warning("model %s: the shape probe run failed (%s); receptive fields stop where static shapes do",
+                    name, error)
+        return {}
+    shapes[config.input_name] = shape
+    return shapes
+
+
 def load_folder(name: str, folder: Path, defaults: SessionSettings = SessionSettings(), batch: int = 0) -> LoadedModel:
     """Load one model folder. ``defaults`` are the server's session settings (the model's config.toml may
     override the precision); ``batch`` samples per run, 0 for the device's default."""
     proto = load_model(folder / "model.onnx", folder)
     config = build_config(proto, _read_config(folder))
     labels = _read_labels(folder, config)
-    layers = describe_graph(proto, config.input_name, config.layout)
+    layers = describe_graph(proto, config.input_name, config.layout,
+                            runtime_shapes(name, proto, config, defaults.threads))
     types = tensor_types(proto)
     batch_dim = types[config.input_name][1][0]
     logits_shape = types.get(config.logits_output, ("", (), ()))[1]

@@ -7,8 +7,8 @@ import numpy as np
 
 from convscope.v1 import attribution_pb2, attribution_pb2_grpc, tensor_pb2
 from convscope_server import render
-from convscope_server.api.common import (check_passes, input_axes, neuron_position, positive, resolve_target,
-                                         single_input, spatial_layer)
+from convscope_server.api.common import (channel_axis as common_channel_axis, check_passes, input_axes,
+                                         neuron_position, positive, resolve_target, single_input, spatial_layer)
 from convscope_server.api.model_service import require_model
 from convscope_server.api.streaming import stream_job
 from convscope_server.errors import InvalidArgument, ResourceExhausted
@@ -103,11 +103,12 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         layer, layer_name, channel_of_layer = None, None, 1
         if request.layer:
             layer = model.layer(request.layer)
-            channels = layer.shape[3 if layer.layout == "NHWC" else 1] if len(layer.shape) >= 2 else 0
-            if not 0 <= request.channel < channels:
+            channel_of_layer = common_channel_axis(layer, "layer")
+            channels = layer.shape[channel_of_layer]
+            if channels > 0 and not 0 <= request.channel < channels:
                 raise InvalidArgument("channel", f"{request.channel} is outside {layer.name!r}'s channels "
                                       f"0..{channels - 1}")
-            layer_name, channel_of_layer = layer.name, 3 if layer.layout == "NHWC" else 1
+            layer_name = layer.name
         position = neuron_position(request, layer)
         with torch_model.scope():
             grads = backprop.modified_gradient(torch_model, sample, rule, target, layer_name, int(request.channel),
@@ -124,7 +125,8 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             raise InvalidArgument("method", f"unknown CAM method {request.method}")
         head = None
         if method == "cam":
-            head = find_linear_head(model.proto, model.constants, model.config.logits_output)
+            head = find_linear_head(model.proto, model.constants, model.config.logits_output,
+                                    lambda name: model.layer(name).layout)
             if isinstance(head, str):
                 raise InvalidArgument("method", f"CAM needs a global-average-pool + linear head, and {head}; "
                                       "use Grad-CAM")
@@ -141,7 +143,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         channel_axis, (h_axis, w_axis) = input_axes(model)
         height, width = sample.shape[h_axis], sample.shape[w_axis]
         if method == "cam":  # the head was found in the graph; its pooled input is 4-D whatever shapes inference knew
-            feature_map = acts.channels_first(backend.tensors(sample[None], [layer.name])[layer.name], layer.layout)[0]
+            feature_map = acts.channels_first(backend.tensors(sample[None], [layer.name])[layer.name], head.layout)[0]
             heat = cam.finish(class_activation_map(feature_map, head, target), height, width)
             return self._result(model, sample, target, head.weights[target], heat, 0, request.render, heat=heat)
         torch_model = self.bridges.get(model)
@@ -171,7 +173,8 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         if "gradcam" in methods:
             name = request.cam_layer
             if not name:
-                head = find_linear_head(model.proto, model.constants, model.config.logits_output)
+                head = find_linear_head(model.proto, model.constants, model.config.logits_output,
+                                        lambda name: model.layer(name).layout)
                 if isinstance(head, str):
                     raise InvalidArgument("cam_layer", f"required for gradcam: {head}")
                 name = head.feature_map

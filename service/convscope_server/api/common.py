@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from convscope_server.errors import InvalidArgument, ResourceExhausted
+from convscope_server.forward import activations as acts
 from convscope_server.images import to_model_input
 
 
@@ -48,11 +49,22 @@ def check_passes(passes: int, limits, what: str) -> None:
         raise ResourceExhausted(f"{what}: {passes} forward passes is over the limit of {limits.max_forward_passes}")
 
 
+def _layout_reason(layer) -> str:
+    if len(layer.shape) != 4:
+        return f"it has shape {list(layer.shape)}"
+    if layer.axes is not None:
+        return f"its height and width are axes {layer.axes}, neither NCHW nor NHWC"
+    return (f"it has shape {list(layer.shape)}, but which of its axes are channels, height and width could not "
+            f"be followed from the input to this {layer.op_type} output")
+
+
 def spatial_layer(model, name: str, field: str, what: str = "this technique needs a conv feature map"):
-    """Resolve ``name`` and require an (N, C, H, W) / (N, H, W, C) spatial tensor."""
+    """Resolve ``name`` and require a 4-D tensor whose layout is known: (N, C, H, W) or (N, H, W, C). Its
+    receptive field need not be local (a tensor after InstanceNorm or GroupNorm sees the whole image)."""
     layer = model.layer(name, field)
-    if layer.spatial is None or len(layer.shape) != 4:
-        raise InvalidArgument(field, f"{layer.name!r} is not a spatial (N, C, H, W) tensor; {what}")
+    if not layer.layout:
+        raise InvalidArgument(field, f"{layer.name!r} is not a spatial (N, C, H, W) tensor: {_layout_reason(layer)}; "
+                              f"{what}")
     return layer
 
 
@@ -62,10 +74,20 @@ def neuron_position(request, layer) -> tuple[int, int] | None:
         raise InvalidArgument("col" if request.HasField("row") else "row", "give both row and col, or neither")
     if not request.HasField("row"):
         return None
-    if layer is None or layer.spatial is None:
-        raise InvalidArgument("row", "a neuron position needs a spatial layer")
-    height, width = (layer.shape[1], layer.shape[2]) if layer.layout == "NHWC" else layer.shape[2:4]
+    if layer is None or not layer.layout:
+        reason = f": {_layout_reason(layer)}" if layer is not None else ""
+        raise InvalidArgument("row", f"a neuron position needs a spatial layer{reason}")
+    height, width = (layer.shape[axis] for axis in layer.axes)
     for field, value, size in (("row", request.row, height), ("col", request.col, width)):
         if (size > 0 and not 0 <= value < size) or value < 0:
             raise InvalidArgument(field, f"{value} is outside {layer.name!r}'s 0..{size - 1}")
     return int(request.row), int(request.col)
+
+
+def channel_axis(layer, field: str) -> int:
+    """The axis holding ``layer``'s channels (see ``activations.channel_axis``), or INVALID_ARGUMENT."""
+    axis = acts.channel_axis(layer.shape, layer.layout, layer.op_type)
+    if axis is None:
+        raise InvalidArgument(field, f"{layer.name!r}: which axis holds the channels is not known; "
+                              f"{_layout_reason(layer)}")
+    return axis

@@ -1,4 +1,10 @@
-"""InspectService: filters, activations, dead filters, occlusion, Score-CAM (forward-only, onnxruntime)."""
+"""InspectService: filters, activations, dead filters, occlusion, Score-CAM (forward-only, onnxruntime).
+
+Channel axes come from the graph analysis (``LayerInfo.layout``, see onnx/graph.py): an NHWC tensor inside a
+channels-last block is read with channels last. Where the channel axis cannot be told, Activations still
+returns the values but no per-channel statistics, and grids and dead-filter scans answer INVALID_ARGUMENT
+naming the layer.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,8 @@ import numpy as np
 
 from convscope.v1 import inspect_pb2, inspect_pb2_grpc, tensor_pb2
 from convscope_server import render
-from convscope_server.api.common import (check_passes, input_axes, optional_size, positive, resolve_target,
-                                         single_input, spatial_layer)
+from convscope_server.api.common import (channel_axis, check_passes, input_axes, optional_size, positive,
+                                         resolve_target, single_input, spatial_layer)
 from convscope_server.api.model_service import model_inputs, require_model
 from convscope_server.api.streaming import stream_job
 from convscope_server.errors import InvalidArgument
@@ -57,17 +63,23 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
             raise InvalidArgument("layers", "name at least one tensor (see DescribeModel)")
         layers = [model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
         max_channels = positive(request.max_channels, 64, "max_channels")
+        if request.render:  # a grid needs the channel axis; values and stats of other tensors are still given
+            for i, layer in enumerate(layers):
+                if len(layer.shape) == 4:
+                    channel_axis(layer, f"layers[{i}]")
         batch = model_inputs(model, request.images, self.limits)
         values = self._backend(model).tensors(batch, [layer.name for layer in layers])
         response = inspect_pb2.ActivationsResponse(execution_provider=model.execution_provider)
         for layer in layers:
             value = values[layer.name]
-            first = acts.channels_first(value, layer.layout)
             entry = response.layers.add(layer=layer.name, layout=layer.layout)
             to_tensor(value, out=entry.values)  # in place: activations can be tens of MB
-            if first.ndim >= 2:
-                stats = acts.channel_stats(first)
-                entry.stats.CopyFrom(inspect_pb2.ChannelStats(**{k: v.tolist() for k, v in stats.items()}))
+            axis = acts.channel_axis(value.shape, layer.layout, layer.op_type)
+            if axis is None:  # per-channel statistics on a guessed axis would mislead: none are given
+                continue
+            first = acts.channels_first(value, layer.layout, axis)
+            stats = acts.channel_stats(first)
+            entry.stats.CopyFrom(inspect_pb2.ChannelStats(**{k: v.tolist() for k, v in stats.items()}))
             if request.render and first.ndim == 4:
                 top = float(first.max())
                 entry.png.extend(render.png(acts.activation_grid(sample, max_channels, top)) for sample in first)
@@ -81,14 +93,15 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
             layers = [model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
         else:
             layers = [layer for layer in model.layers if layer.op_type == "Conv"]
+        axes = [channel_axis(layer, f"layers[{i}]") for i, layer in enumerate(layers)]
         batch = model_inputs(model, request.images, self.limits)
         scan = acts.DeadFilterScan(request.tolerance)
         backend = self._backend(model)
         names = [layer.name for layer in layers]
         for begin in range(0, len(batch), model.run_batch):
-            for layer, (name, value) in zip(layers, backend.tensors(batch[begin: begin + model.run_batch],
-                                                                    names).items()):
-                scan.add(name, acts.channels_first(value, layer.layout))
+            values = backend.tensors(batch[begin: begin + model.run_batch], names)
+            for layer, axis in zip(layers, axes):
+                scan.add(layer.name, acts.channels_first(values[layer.name], layer.layout, axis))
         response = inspect_pb2.DeadFiltersResponse(images=len(batch))
         for name in names:
             report = scan.report(name)

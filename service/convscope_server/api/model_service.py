@@ -36,7 +36,7 @@ def _spec(name: str, types: dict) -> model_pb2.TensorSpec:
 
 def _layer(info) -> model_pb2.Layer:
     message = model_pb2.Layer(name=info.name, op_type=info.op_type, node_name=info.node_name,
-                              datatype=info.datatype, shape=info.shape, spatial=info.spatial is not None,
+                              datatype=info.datatype, shape=info.shape, spatial=info.axes is not None,
                               weight_shape=info.weight_shape or (), layout=info.layout)
     if info.spatial is not None:
         s = info.spatial

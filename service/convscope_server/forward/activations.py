@@ -12,8 +12,27 @@ import numpy as np
 from convscope_server import render
 
 
-def channels_first(values: np.ndarray, layout: str) -> np.ndarray:
-    """(N, ...) values with channels on axis 1 (NHWC tensors are transposed; others kept)."""
+CHANNELS_FIRST_OPS = {"Conv", "ConvTranspose"}  # their output's axis 1 is the filters', by the op's definition
+
+
+def channel_axis(shape, layout: str, op_type: str = "") -> int | None:
+    """The axis of a tensor (N, ...) that holds channels: from its layout ("NCHW" 1, "NHWC" 3); axis 1 of an
+    (N, C) vector and of a Conv output; the only axis longer than 1 of a pooled (N, C, 1, 1) or (N, 1, 1, C)
+    vector. None when it cannot be told: a wrong axis is never guessed."""
+    if layout:
+        return 1 if layout == "NCHW" else 3
+    if len(shape) < 2:
+        return None
+    if len(shape) == 2 or op_type in CHANNELS_FIRST_OPS:
+        return 1
+    longer = [axis for axis, size in enumerate(shape[1:], 1) if size != 1]
+    return longer[0] if len(longer) == 1 else None
+
+
+def channels_first(values: np.ndarray, layout: str, axis: int | None = None) -> np.ndarray:
+    """(N, ...) values with channels on axis 1: NHWC tensors transposed, or ``axis`` moved to 1."""
+    if axis is not None:
+        return np.moveaxis(values, axis, 1) if axis != 1 else values
     return values.transpose(0, 3, 1, 2) if layout == "NHWC" and values.ndim == 4 else values
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+import numpy as np
 import onnx
 
 from convscope_server.onnx.session import SessionSettings, create_session
@@ -63,6 +64,17 @@ class SessionPool:
 
 # One pool per process (--max-probe-sessions): memory is the process's, whatever serves from it.
 SESSIONS = SessionPool()
+
+
+def measure_shapes(proto: onnx.ModelProto, names: list[str], input_name: str, sample: np.ndarray,
+                   threads: int = 0) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``names`` in one run of ``proto`` on ``sample``: for the tensors whose shapes only
+    exist at run time (a Reshape to a shape computed from Shape / Gather). A one-off at load, on the CPU
+    with basic graph optimisation; the values are dropped as soon as their shapes are read."""
+    settings = SessionSettings("cpu", threads)
+    session = create_session(with_outputs(proto, names).SerializeToString(), settings, optimize=False)
+    outputs = session.run(names, {input_name: sample})
+    return {name: tuple(int(d) for d in np.shape(value)) for name, value in zip(names, outputs)}
 
 
 class ProbeCache:
