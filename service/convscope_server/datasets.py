@@ -6,9 +6,10 @@ label ``cat``). Names and files must resolve inside the data root: ``..``, absol
 that lead outside are refused. Streamed items arrive as ``DatasetItem`` messages after the request's spec.
 
 Either way the scan sees a sequence of :class:`Item` whose pixels are decoded lazily, so an unreadable
-image becomes an ``ItemError`` for that item alone. :func:`batches` decodes ahead in a background thread
-(Pillow releases the GIL while decoding) so onnxruntime is not kept waiting, and holds at most a few
-batches: memory does not grow with the number of images.
+image becomes an ``ItemError`` for that item alone. :func:`batches` decodes ahead in a pool of threads
+(Pillow releases the GIL while decoding and resizing; the numpy step is one multiply-add) so the model is
+not kept waiting, and holds at most a few batches: memory does not grow with the number of images. Scans
+decode large JPEGs in draft mode (reduced DCT scale, see ``images``), which single-image requests don't.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import functools
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from convscope_server.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
-from convscope_server.images import decode, pixels_to_input, to_model_input
+from convscope_server.images import encoded_to_input, to_model_input
 from convscope_server.onnx.loading import inside
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -126,7 +129,7 @@ def load_file(path: Path, root: Path, config, max_pixels: int) -> np.ndarray:
         data = path.read_bytes()
     except OSError as error:
         raise InvalidArgument("file", f"cannot read: {error.strerror or error}") from None
-    return pixels_to_input(decode(data, "image", max_pixels), config)
+    return encoded_to_input(data, config, "image", max_pixels, draft=True)
 
 
 def stream_items(messages: Iterable, config, max_pixels: int) -> Iterator[Item]:
@@ -143,7 +146,7 @@ def _message_loader(item, config, max_pixels: int) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         if not item.HasField("image"):
             raise InvalidArgument("image", "required")
-        return to_model_input(item.image, config, "image", max_pixels)
+        return to_model_input(item.image, config, "image", max_pixels, draft=True)
     return load
 
 
@@ -159,12 +162,20 @@ def limited(items: Iterator[Item], limit: int, max_images: int) -> Iterator[Item
 
 
 def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure], None],
-            should_stop: Callable[[], bool], depth: int = 2) -> Iterator[Batch]:
-    """Decode items ``size`` at a time in a background thread, ``depth`` batches ahead. Unusable items go
-    to ``on_failure`` and are left out. Stops early (and lets the reader thread finish) when
-    ``should_stop()`` turns true or the consumer stops iterating."""
+            should_stop: Callable[[], bool], workers: int = 0, depth: int = 2) -> Iterator[Batch]:
+    """Decode items in a pool of ``workers`` threads (0: one per core) and yield them ``size`` at a time in
+    index order, up to ``depth`` batches ahead of the consumer, so the next batches decode while the model
+    runs. A reader thread walks ``items``, keeps ``4 * workers`` loads in flight (a slow image holds up
+    little) and collects them oldest first: the batches are those of a sequential read, and at most
+    ``depth + 2`` batches (the consumer's, those queued, the one being filled) and ``4 * workers`` loads are
+    held whatever the number of items. Unusable items go to ``on_failure`` in index order and are left out;
+    an error of ``items`` itself is raised here. Stops early when ``should_stop()`` turns true or the
+    consumer stops iterating; the pool's threads have ended when this generator has."""
+    workers = workers or os.cpu_count() or 1
+    window = 4 * workers
     ready: queue.Queue = queue.Queue(maxsize=depth)
     done = threading.Event()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="convscope-decode")
 
     def put(value) -> bool:
         while not done.is_set():
@@ -177,12 +188,18 @@ def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure]
 
     def read() -> None:
         try:
+            loading: deque[tuple[Item, Future]] = deque()
             pending: list[tuple[Item, np.ndarray]] = []
-            for item in items:
-                if done.is_set() or should_stop():
+            remaining = iter(items)
+            while not done.is_set() and not should_stop():
+                if len(loading) < window and (item := next(remaining, None)) is not None:
+                    loading.append((item, pool.submit(item.load)))
+                    continue
+                if not loading:
                     break
+                item, future = loading.popleft()
                 try:
-                    pending.append((item, item.load()))
+                    pending.append((item, future.result()))
                 except ServiceError as error:
                     on_failure(ItemFailure(item.index, item.id, str(error)))
                     continue
@@ -215,6 +232,7 @@ def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure]
                 return
     finally:
         done.set()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _stack(pending: list[tuple[Item, np.ndarray]]) -> Batch:

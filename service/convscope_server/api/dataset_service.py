@@ -149,7 +149,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                 emit("item_error", failure)
 
             done = 0
-            for batch in batches(source.items, model.run_batch, failed, should_stop):
+            for batch in batches(source.items, model.run_batch, failed, should_stop,
+                                 self.limits.decode_workers):
                 values = backend.tensors(batch.inputs, [layer.name])[layer.name]
                 table.add(acts.channels_first(values, layer.layout), batch.indices)
                 keep = table.referenced()
@@ -230,8 +231,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             try:
                 writer = self.galleries.writer(dim, side)
                 done = 0
-                for batch in batches(source.items, model.run_batch,
-                                     lambda failure: emit("item_error", failure), should_stop):
+                for batch in batches(source.items, model.run_batch, lambda failure: emit("item_error", failure),
+                                     should_stop, self.limits.decode_workers):
                     values = backend.tensors(batch.inputs, outputs)
                     thumbs = [thumbnail(render.display_image(x, model.config), side) for x in batch.inputs]
                     writer.add(values[layer.name].reshape(len(batch.inputs), -1), np.stack(thumbs), batch.ids,
