@@ -34,25 +34,20 @@ PROBE_TOLERANCE = {"exact": 1e-4, "tf32": 5e-3}
 
 
 def set_tf32(allowed: bool) -> None:
-    """torch's process-wide TF32 switches for cuDNN convolutions and CUDA matmuls."""
+    """torch's process-wide TF32 switches for cuDNN (convolutions) and CUDA matmuls. Set through the
+    ``allow_tf32`` flags: in torch >= 2.9 they keep the newer per-operator ``fp32_precision`` settings
+    consistent, while setting only ``cudnn.conv.fp32_precision`` leaves conv and RNN disagreeing, and any
+    later reader of ``cudnn.allow_tf32`` (the dynamo ONNX exporter is one) raises."""
     import torch
 
-    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if hasattr(getattr(conv, "conv", None), "fp32_precision"):  # torch >= 2.9
-        conv.conv.fp32_precision = "tf32" if allowed else "ieee"
-        matmul.fp32_precision = "tf32" if allowed else "ieee"
-    else:
-        conv.allow_tf32 = allowed
-        matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def tf32_allowed() -> bool:
     import torch
 
-    conv = torch.backends.cudnn
-    if hasattr(getattr(conv, "conv", None), "fp32_precision"):
-        return conv.conv.fp32_precision == "tf32"
-    return bool(conv.allow_tf32)
+    return bool(torch.backends.cudnn.allow_tf32)
 
 
 class PrecisionGate:
