@@ -9,7 +9,8 @@ gallery query latency at 50,000 entries against scikit-learn, and JPEG draft mod
    convscope, and the ratio is the median of the rounds' ratios, so load from other processes hits both
    sides of a round alike; the server is timed once its start-up work (probe session, background model
    conversion) is over, and the plain session after one warm-up batch. Also shown: inference alone on
-   pre-decoded inputs (the floor both sides share).
+   pre-decoded inputs (the floor both sides share). --photos N repeats the comparison on N JPEGs with a
+   longer side of 2560 px, where decoding dominates and scans use JPEG draft mode.
 3. Memory: a fresh server process per N scans the first N files; its peak RSS (VmHWM) is read from /proc.
    The same for building a gallery of N codes (streamed to disk as it goes).
 4. Query latency: nearest_neighbors on the largest gallery (feature and pixel space in one call) against
@@ -20,7 +21,7 @@ gallery query latency at 50,000 entries against scikit-learn, and JPEG draft mod
    difference in model-input units, top-1 changes, decode CPU time per image.
 
     .venv/bin/python benchmarks/dataset_scan.py [--sizes 5000 20000 50000] [--throughput 2000] [--rounds 3]
-        [--decode-workers N] [--draft] [--keep DIR]
+        [--decode-workers N] [--photos N] [--draft] [--keep DIR]
 
 ``--sizes`` with no value skips parts 3 and 4; ``--throughput 0`` skips part 2.
 """
@@ -46,8 +47,9 @@ MODEL = "efficientnet_lite0"
 LAYER = "/Clip_1_output_0"
 
 
-def make_images(folder: Path, count: int, seed: int = 0) -> None:
-    """``count`` distinct augmented crops of the demo photos, 17 label folders, written once."""
+def make_images(folder: Path, count: int, seed: int = 0, side: int = 256) -> None:
+    """``count`` distinct augmented crops of the demo photos, longer side ``side``, 17 label folders,
+    written once."""
     sys.path.insert(0, str(ROOT / "datasets"))
     from build_demo import SOURCES, augment, source_photo
 
@@ -58,14 +60,15 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
     photos = {}
     for label, (kind, name) in SOURCES.items():
         photo = source_photo(kind, name)
-        photo.thumbnail((360, 360))  # smaller sources: fast augmentation, same kind of pictures
+        if side <= 360:
+            photo.thumbnail((360, 360))  # smaller sources: fast augmentation, same kind of pictures
         photos[label] = photo
         (folder / label).mkdir(parents=True, exist_ok=True)
     labels = list(photos)
     started = time.perf_counter()
     for n in range(count):
         label = labels[n % len(labels)]
-        augment(photos[label], rng, 256).save(folder / label / f"{n:06d}.jpg", quality=88)
+        augment(photos[label], rng, side).save(folder / label / f"{n:06d}.jpg", quality=88)
         if n % 5000 == 4999:
             print(f"  made {n + 1} images ({time.perf_counter() - started:.0f} s)", flush=True)
 
@@ -191,6 +194,39 @@ class ServerProcess:
         self.process.wait(30)
 
 
+def compare(data_root: Path, galleries: Path, dataset: str, files: list[Path], rounds: int, flags: dict):
+    """Rounds of the plain loop then TopPatches over the same files: (plain, convscope) images/s lists."""
+    from convscope import Client
+
+    for file in files:  # warm the page cache for both sides
+        file.read_bytes()
+    server = ServerProcess(data_root, galleries, **flags)
+    plain, served = [], []
+    try:
+        with Client(f"localhost:{server.port}") as client:
+            client.top_patches(MODEL, LAYER, dataset=dataset, limit=32)  # builds the probe session
+            server.wait_idle()
+            for _ in range(rounds):
+                plain.append(plain_ort(files))
+                started = time.perf_counter()
+                client.top_patches(MODEL, LAYER, dataset=dataset, limit=len(files))
+                served.append(len(files) / (time.perf_counter() - started))
+    finally:
+        server.stop()
+    return plain, served
+
+
+def print_comparison(title: str, plain: list[float], served: list[float]) -> None:
+    ratios = np.array(served) / np.array(plain)
+    print(title)
+    print(f"  plain: Pillow decode + ORT, batch 16        {np.median(plain):7.1f} images/s (median)   "
+          f"runs {' '.join(f'{v:.1f}' for v in plain)}")
+    print(f"  convscope TopPatches, all 1280 channels     {np.median(served):7.1f} images/s (median)   "
+          f"runs {' '.join(f'{v:.1f}' for v in served)}")
+    print(f"  convscope / plain, median of the rounds     {np.median(ratios):7.2f}x   "
+          f"rounds {' '.join(f'{v:.2f}' for v in ratios)}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[5000, 20000, 50000],
@@ -199,6 +235,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating plain / convscope runs (medians)")
     parser.add_argument("--decode-workers", type=int, default=None,
                         help="the server's --decode-workers (default: the server's own, one per core)")
+    parser.add_argument("--photos", type=int, default=0,
+                        help="also compare throughput on this many 2560 px JPEGs (draft mode's case)")
     parser.add_argument("--draft", action="store_true", help="measure JPEG draft mode against full decodes")
     parser.add_argument("--keep", type=Path, default=None, help="reuse / keep the images and galleries here")
     args = parser.parse_args()
@@ -208,7 +246,7 @@ def main() -> None:
 
     if args.draft:
         draft_tolerance()
-    if not args.throughput and not args.sizes:
+    if not args.throughput and not args.sizes and not args.photos:
         return
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="convscope-bench-"))
     data_root, galleries = scratch / "data", scratch / "galleries"
@@ -219,35 +257,20 @@ def main() -> None:
     flags = {} if args.decode_workers is None else {"decode_workers": args.decode_workers}
     try:
         # -- throughput --------------------------------------------------------------------------------------
+        workers = args.decode_workers if args.decode_workers is not None else ServerConfig().decode_workers
+        setting = f"server --decode-workers {workers} ({workers or os.cpu_count()} threads)"
         if args.throughput:
-            subset = files[: args.throughput]
-            for file in subset:  # warm the page cache for both sides
-                file.read_bytes()
-            server = ServerProcess(data_root, galleries, **flags)
-            plain, served = [], []
-            try:
-                with Client(f"localhost:{server.port}") as client:
-                    client.top_patches(MODEL, LAYER, dataset="many", limit=32)  # builds the probe session
-                    server.wait_idle()
-                    for _ in range(args.rounds):
-                        plain.append(plain_ort(subset))
-                        started = time.perf_counter()
-                        client.top_patches(MODEL, LAYER, dataset="many", limit=len(subset))
-                        served.append(len(subset) / (time.perf_counter() - started))
-            finally:
-                server.stop()
-            alone = inference_only()
-            workers = args.decode_workers if args.decode_workers is not None else ServerConfig().decode_workers
-            ratios = np.array(served) / np.array(plain)
-            print(f"\nthroughput on {len(subset)} files ({os.cpu_count()} cores), {args.rounds} rounds of plain "
-                  f"then convscope; server --decode-workers {workers} ({workers or os.cpu_count()} threads)")
-            print(f"  inference alone (pre-decoded, batch 16)     {alone:7.1f} images/s")
-            print(f"  plain: Pillow decode + ORT, batch 16        {np.median(plain):7.1f} images/s (median)   "
-                  f"runs {' '.join(f'{v:.1f}' for v in plain)}")
-            print(f"  convscope TopPatches, all 1280 channels     {np.median(served):7.1f} images/s (median)   "
-                  f"runs {' '.join(f'{v:.1f}' for v in served)}")
-            print(f"  convscope / plain, median of the rounds     {np.median(ratios):7.2f}x   "
-                  f"rounds {' '.join(f'{v:.2f}' for v in ratios)}")
+            plain, served = compare(data_root, galleries, "many", files[: args.throughput], args.rounds, flags)
+            print(f"\nthroughput on {args.throughput} files ({os.cpu_count()} cores), {args.rounds} rounds of plain "
+                  f"then convscope; {setting}")
+            print(f"  inference alone (pre-decoded, batch 16)     {inference_only():7.1f} images/s")
+            print_comparison("  256 px JPEGs:", plain, served)
+        if args.photos:
+            make_images(data_root / "photos", args.photos, seed=1, side=2560)
+            photos = sorted((data_root / "photos").rglob("*.jpg"))[: args.photos]
+            plain, served = compare(data_root, galleries, "photos", photos, args.rounds, flags)
+            print_comparison(f"\nthroughput on {len(photos)} photo-sized JPEGs (longer side 2560 px; the server "
+                             f"decodes them in draft mode), {args.rounds} rounds; {setting}", plain, served)
         if not args.sizes:
             return
 

@@ -161,6 +161,14 @@ def limited(items: Iterator[Item], limit: int, max_images: int) -> Iterator[Item
         yield item
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (CPU affinity, as container CPU sets restrict it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # platforms without affinity
+        return os.cpu_count() or 1
+
+
 def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure], None],
             should_stop: Callable[[], bool], workers: int = 0, depth: int = 2) -> Iterator[Batch]:
     """Decode items in a pool of ``workers`` threads (0: one per core) and yield them ``size`` at a time in
@@ -171,7 +179,7 @@ def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure]
     held whatever the number of items. Unusable items go to ``on_failure`` in index order and are left out;
     an error of ``items`` itself is raised here. Stops early when ``should_stop()`` turns true or the
     consumer stops iterating; the pool's threads have ended when this generator has."""
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     window = 4 * workers
     ready: queue.Queue = queue.Queue(maxsize=depth)
     done = threading.Event()
