@@ -12,7 +12,6 @@ the ratio (Captum / convscope, >1 = convscope faster) and the largest relative m
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch

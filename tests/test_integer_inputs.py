@@ -32,12 +32,15 @@ class Uint8Nhwc(nn.Module):
 def uint8_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("uint8") / "models"
     (root / "tiny_uint8").mkdir(parents=True)
-    torch.onnx.export(Uint8Nhwc().eval(), (torch.zeros(1, SIZE, SIZE, 3, dtype=torch.uint8),),
+    native = Uint8Nhwc().eval()
+    torch.onnx.export(native, (torch.zeros(1, SIZE, SIZE, 3, dtype=torch.uint8),),
                       str(root / "tiny_uint8" / "model.onnx"), dynamo=False, opset_version=17,
                       input_names=["pixels"], output_names=["logits"],
                       dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}})
     server = start(root)
-    yield server, root / "tiny_uint8" / "model.onnx"
+    # The exported module itself is the reference: building another one would draw from torch's global
+    # generator, which a server converting models in the background may be using at the same time.
+    yield server, root / "tiny_uint8" / "model.onnx", native
     server.stop(0)
 
 
@@ -47,7 +50,7 @@ def pixels_of(image: np.ndarray) -> np.ndarray:
 
 
 def test_describe_says_the_input_takes_uint8_pixels(uint8_server):
-    server, _ = uint8_server
+    server = uint8_server[0]
     with Client(server.address) as client:
         description = client.describe("tiny_uint8")
     assert description.inputs[0]["datatype"] == "UINT8"
@@ -58,7 +61,7 @@ def test_describe_says_the_input_takes_uint8_pixels(uint8_server):
 
 
 def test_images_go_in_as_uint8_pixels(uint8_server, chelsea):
-    server, path = uint8_server
+    server, path, _ = uint8_server
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (expected,) = session.run(None, {"pixels": pixels_of(chelsea)[None]})
     with Client(server.address) as client:
@@ -84,11 +87,11 @@ def test_saliency_is_the_gradient_per_pixel_value(uint8_server, chelsea):
     native module fed the same pixels as floats (the graph's Cast makes them floats first)."""
     from captum.attr import Saliency
 
-    server, _ = uint8_server
+    server, _, native = uint8_server
     x = pixels_of(chelsea).astype(np.float32)
     with Client(server.address) as client:
         got = client.saliency("tiny_uint8", png_bytes(chelsea), target=4)
         assert client.describe("tiny_uint8").gradient["state"] == "ready"
-    reference = Saliency(lambda t: Uint8Nhwc().eval()(t)).attribute(torch.from_numpy(x[None]), target=4,
+    reference = Saliency(native).attribute(torch.from_numpy(x[None]), target=4,
                                                                       abs=False)[0].numpy()
     np.testing.assert_allclose(got.attribution, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import numpy as np
 import onnx
 
 from convscope_server.errors import FailedPrecondition, NotFound
