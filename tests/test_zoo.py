@@ -224,3 +224,24 @@ def test_channels_last_activations_are_read_on_the_last_axis(zoo_client, entries
     np.testing.assert_allclose(got.stats["mean"], got.values.reshape(-1, channels).mean(axis=0), rtol=1e-4,
                                atol=1e-6)
     np.testing.assert_allclose(got.stats["max"], got.values.reshape(-1, channels).max(axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", cases("channels_last_patches", CHANNELS_LAST))
+def test_top_patches_of_a_channels_last_tensor_rank_its_last_axis(zoo_client, entries, chelsea, coffee, name):
+    """Top patches of an (N, H, W, C) tensor: each channel's best value over the scan is that channel's
+    maximum on the last axis, found by brute force over Activations of the same images."""
+    from skimage import data
+
+    entry = entries[name]
+    tensor = entry.tensors["channels_last"]
+    images = [entry.sample(pixels) for pixels in (chelsea, coffee, data.astronaut(), chelsea[:, ::-1].copy())]
+    values = np.stack([zoo_client.activations(name, x, [tensor])[tensor].values[0] for x in images])
+    channels = [0, values.shape[-1] // 2, values.shape[-1] - 1]
+    found = zoo_client.top_patches(name, tensor, images, k=2, channels=channels)
+    assert found.images == len(images)
+    for channel in channels:
+        per_image = values[..., channel].reshape(len(images), -1).max(axis=1)
+        best = np.sort(per_image)[::-1][:2]
+        np.testing.assert_allclose([hit.value for hit in found.channels[channel]], best, rtol=1e-5, atol=1e-6)
+        top_hit = found.channels[channel][0]
+        assert values[top_hit.index, top_hit.row, top_hit.col, channel] == pytest.approx(best[0], rel=1e-5)

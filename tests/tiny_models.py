@@ -73,11 +73,18 @@ class TinyNet(nn.Module):
 
 
 def tiny_net(seed: int = 0, **kwargs) -> TinyNet:
-    torch.manual_seed(seed)
+    """The same weights for the same seed whatever else runs: every value is drawn from a generator of its
+    own (a server converting models in the background draws from torch's global one)."""
+    generator = torch.Generator().manual_seed(seed)
     model = TinyNet(**kwargs)
-    with torch.no_grad():  # non-trivial batch-norm statistics so folding them is tested
-        model.bn1.running_mean.uniform_(-0.5, 0.5)
-        model.bn1.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        for module in (model.conv1, model.conv2, model.conv3, model.fc):  # torch's default init, U(+-1/sqrt(fan_in))
+            bound = module.weight[0].numel() ** -0.5
+            for parameter in (module.weight, module.bias):
+                parameter.copy_((torch.rand(parameter.shape, generator=generator) * 2 - 1) * bound)
+        # non-trivial batch-norm statistics so folding them is tested
+        model.bn1.running_mean.copy_(torch.rand(8, generator=generator) - 0.5)
+        model.bn1.running_var.copy_(torch.rand(8, generator=generator) * 1.5 + 0.5)
         # conv2's channel DEAD_CHANNEL is constant (-100) before its ReLU and zero after it, for any input.
         model.conv2.weight[DEAD_CHANNEL] = 0
         model.conv2.bias[DEAD_CHANNEL] = -100

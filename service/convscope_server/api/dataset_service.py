@@ -15,7 +15,7 @@ from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.neighbors import neighbor_grid, nearest, thumbnail
 from convscope_server.galleries import GalleryStore
 from convscope_server.onnx.graph import classifier_input
-from convscope_server.api.common import positive, single_input
+from convscope_server.api.common import channel_axis, positive, single_input
 from convscope_server.api.model_service import require_model
 from convscope_server.api.streaming import stream_job
 from convscope_server.tensors import to_tensor
@@ -75,18 +75,18 @@ def scan_events(event_type, job, to_result):
             yield event_type(result=to_result(value))
 
 
-def channel_count(layer, field: str) -> int:
-    """Channels of a spatial (N, C, H, W) / (N, H, W, C) tensor, or axis 1 of a non-spatial one."""
-    if layer.spatial is not None and len(layer.shape) == 4:
-        channels = layer.shape[3] if layer.layout == "NHWC" else layer.shape[1]
-    elif len(layer.shape) >= 2:  # not spatial (after global pooling): every unit sees the whole image
-        channels = layer.shape[1]
-    else:
+def channel_count(layer, field: str) -> tuple[int, int]:
+    """(channel axis, channel count) of ``layer``: the axis its layout names (NCHW 1, NHWC 3), axis 1 of a
+    vector or a Conv output, the only long axis of a pooled tensor; INVALID_ARGUMENT when it cannot be told
+    (never a guessed axis) or the count is not static."""
+    if len(layer.shape) < 2:
         raise InvalidArgument(field, f"{layer.name!r} has shape {list(layer.shape)}; patches need a spatial "
                               "(N, C, H, W) tensor or an (N, C, ...) one")
+    axis = channel_axis(layer, field)
+    channels = layer.shape[axis]
     if channels <= 0:
         raise InvalidArgument(field, f"{layer.name!r} has no static channel count in the graph")
-    return channels
+    return axis, channels
 
 
 class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
@@ -110,7 +110,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
         if not spec.layer:
             raise InvalidArgument("spec.layer", "required: name a tensor (see DescribeModel)")
         layer = model.layer(spec.layer, "spec.layer")
-        width = channel_count(layer, "spec.layer")
+        axis, width = channel_count(layer, "spec.layer")
         for i, channel in enumerate(spec.channels):
             if not 0 <= channel < width:
                 raise InvalidArgument(f"spec.channels[{i}]", f"{channel} is outside {layer.name!r}'s channels "
@@ -152,7 +152,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             for batch in batches(source.items, model.run_batch, failed, should_stop,
                                  self.limits.decode_workers):
                 values = backend.tensors(batch.inputs, [layer.name])[layer.name]
-                table.add(acts.channels_first(values, layer.layout), batch.indices)
+                table.add(acts.channels_first(values, layer.layout, axis), batch.indices)
                 keep = table.referenced()
                 for row, index in enumerate(batch.indices):
                     if index in keep:
