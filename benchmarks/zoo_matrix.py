@@ -31,6 +31,7 @@ that is what a "saliency" FAIL with "sal@file" ok means. Then the timings of van
 measured alternately, medians after a warm-up; other work on the machine shows in them.
 
     .venv/bin/python benchmarks/zoo_matrix.py [--root DIR] [--families resnet18,densenet] [--repeat 5]
+    .venv/bin/python benchmarks/zoo_matrix.py --size 224 --timings-only    # the timings at deployed size
     .venv/bin/python benchmarks/zoo_matrix.py | tee /tmp/zoo_matrix.txt
 """
 
@@ -226,6 +227,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help="zoo repository to build or reuse (default: a temporary folder)")
     parser.add_argument("--families", help="comma-separated families (default: all)")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--size", type=int, help="export every model at this input size (default: each family's "
+                        "64-112 px test size; 224 times them as deployed)")
+    parser.add_argument("--timings-only", action="store_true", help="skip the matrix, print only the timings")
     args = parser.parse_args()
 
     import torch
@@ -239,7 +243,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or Path(tmp) / "zoo"
         started = time.perf_counter()
-        entries = zoo.build_zoo(root, families, reuse=args.root is not None)
+        entries = zoo.build_zoo(root, families, reuse=args.root is not None, size=args.size)
         print(f"zoo: {len(entries)} models in {time.perf_counter() - started:.0f} s ({root})")
         for entry in entries:
             print(f"  {entry.name:<30} {entry.exporter:<6} opset {entry.opset:<3} {entry.size:>3} px "
@@ -253,17 +257,18 @@ def main() -> None:
         try:
             with Client(server.address, timeout=600) as client:
                 rows = []
-                for entry in entries:
+                for entry in [] if args.timings_only else entries:
                     started = time.perf_counter()
                     rows.append((entry.name, run_model(client, entry, pixels, notes)))
                     print(f"  {entry.name}: {time.perf_counter() - started:.1f} s", flush=True)
-                width = max(len(name) for name, _ in rows)
-                print(f"\n{'model':<{width}} " + " ".join(f"{c:<22}" for c in COLUMNS))
-                for name, cells in rows:
-                    print(f"{name:<{width}} " + " ".join(f"{cells.get(c, '')[:22]:<22}" for c in COLUMNS))
-                print("\nnotes:")
-                for note in notes:
-                    print(f"  {note}")
+                width = max(len(entry.name) for entry in entries)
+                if rows:
+                    print(f"\n{'model':<{width}} " + " ".join(f"{c:<22}" for c in COLUMNS))
+                    for name, cells in rows:
+                        print(f"{name:<{width}} " + " ".join(f"{cells.get(c, '')[:22]:<22}" for c in COLUMNS))
+                    print("\nnotes:")
+                    for note in notes:
+                        print(f"  {note}")
                 print(f"\nvanilla saliency, median of {args.repeat} after a warm-up (s)")
                 print(f"{'model':<{width}} {'Captum native':>14} {'served':>10} {'served/native':>14}")
                 for name, native, served in timings(client, entries, pixels, args.repeat):

@@ -28,13 +28,7 @@ ENTRIES = [f"{family}_{exporter}{opset}" for family, exporter, opset in zoo.expo
 TOLERANCE = 1e-3
 
 # (test, entry) -> reason, for what fails today.
-KNOWN: dict[tuple[str, str], str] = {
-    ("cam", "convnext_dynamo20"): (
-        "issue 11 item 4: the dynamo exporter writes ConvNeXt's pooled (N, C, 1, 1) tensor as as_strided, a "
-        "Gather whose indices are computed at run time (Range over the batch size), and CAM refuses: "
-        "INVALID_ARGUMENT: method: CAM needs a global-average-pool + linear head, and Gather "
-        "'node_as_strided' picks channels computed at run time; use Grad-CAM"),
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def cases(test: str, names=None) -> list:

@@ -420,10 +420,11 @@ def config_toml(entry: ZooEntry) -> str:
             f'[output]\nlogits = "logits"\n')
 
 
-def build_zoo(root: Path, families=None, reuse: bool = False) -> list[ZooEntry]:
+def build_zoo(root: Path, families=None, reuse: bool = False, size: int | None = None) -> list[ZooEntry]:
     """Export every (family, exporter, opset) of ``families`` (all by default) to root/<name>/ with its
     config.toml. ``reuse``: keep a model.onnx already there (the natives are rebuilt from their seeds
-    either way, so they match)."""
+    either way, so they match). ``size``: export every model at this input size instead of its family's
+    small test size (benchmarks time the families at 224 px, the size they are deployed at)."""
     root = Path(root)
     entries = []
     natives: dict[str, nn.Module] = {}
@@ -436,10 +437,11 @@ def build_zoo(root: Path, families=None, reuse: bool = False) -> list[ZooEntry]:
         path = root / name / "model.onnx"
         started = time.perf_counter()
         if not (reuse and path.exists()):
-            shape = (1, spec.size, spec.size, 3) if spec.layout == "NHWC" else (1, 3, spec.size, spec.size)
+            side = size or spec.size
+            shape = (1, side, side, 3) if spec.layout == "NHWC" else (1, 3, side, side)
             dtype = torch.uint8 if spec.input_dtype == "uint8" else torch.float32
             export(model, path, torch.zeros(shape, dtype=dtype), exporter, opset)
-        entry = ZooEntry(name, family, exporter, opset, spec.size, model, path, spec.layout, spec.input_dtype,
+        entry = ZooEntry(name, family, exporter, opset, size or spec.size, model, path, spec.layout, spec.input_dtype,
                          export_seconds=time.perf_counter() - started)
         facts = find_tensors(onnx.load(str(path)), spec.layout)
         entry.tensors, entry.layouts, entry.whole_image = facts.tensors, facts.layouts, facts.whole_image

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 
 from convscope_server.errors import FailedPrecondition, NotFound
-from convscope_server.onnx.graph import LayerInfo, constants, describe_graph, tensor_types, unresolved
+from convscope_server.onnx.graph import LayerInfo, constants, describe_graph, shape_only, tensor_types, unresolved
 from convscope_server.onnx.loading import ModelLoadError, inside, load_model
 from convscope_server.onnx.probes import ProbeCache, measure_shapes
 from convscope_server.onnx.session import (INPUT_DATATYPES, PRECISIONS, SessionSettings, create_session, default_batch,
@@ -91,6 +91,7 @@ class LoadedModel:
     run_batch: int = 16             # samples per onnxruntime run on a dynamic-batch graph
     precision: str = "exact"        # "exact" (float32) or "tf32", for onnxruntime and the torch module
     _layer_index: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
+    _shape_values: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     @property
     def stable_shapes(self) -> bool:
@@ -124,6 +125,21 @@ class LoadedModel:
     def constants(self) -> dict:
         """Initializers and Constant outputs as arrays, computed once (weights for filters, CAM heads)."""
         return constants(self.proto)
+
+    def shape_value(self, name: str) -> np.ndarray | None:
+        """The value ``name`` takes for a single image (a graph fixed to batch B: for B) when it depends on the
+        image only through its shape (``graph.shape_only``), by one probe run on a zero image; None for any
+        other tensor. Cached."""
+        if name not in self._shape_values:
+            value = None
+            if shape_only(self.proto, name, self.config.input_name):
+                shape = (self.config.channels, self.config.height, self.config.width)
+                if self.config.layout == "NHWC":
+                    shape = (self.config.height, self.config.width, self.config.channels)
+                zeros = np.zeros((max(self.fixed_batch, 1), *shape), INPUT_DATATYPES[self.config.input_datatype])
+                value = self.probes.session([name]).run([name], {self.config.input_name: zeros})[0]
+            self._shape_values[name] = value
+        return self._shape_values[name]
 
     def label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else f"class {index}"

@@ -126,7 +126,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         head = None
         if method == "cam":
             head = find_linear_head(model.proto, model.constants, model.config.logits_output,
-                                    lambda name: model.layer(name).layout)
+                                    lambda name: model.layer(name).layout, model.shape_value)
             if isinstance(head, str):
                 raise InvalidArgument("method", f"CAM needs a global-average-pool + linear head, and {head}; "
                                       "use Grad-CAM")
@@ -174,7 +174,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             name = request.cam_layer
             if not name:
                 head = find_linear_head(model.proto, model.constants, model.config.logits_output,
-                                        lambda name: model.layer(name).layout)
+                                        lambda name: model.layer(name).layout, model.shape_value)
                 if isinstance(head, str):
                     raise InvalidArgument("cam_layer", f"required for gradcam: {head}")
                 name = head.feature_map

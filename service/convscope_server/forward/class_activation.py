@@ -247,9 +247,11 @@ def _follow(chain, values, state: _Channels, shapes) -> str | None:
     return None
 
 
-def find_linear_head(proto, values: dict, logits_output: str, layout_of=None) -> LinearHead | str:
+def find_linear_head(proto, values: dict, logits_output: str, layout_of=None, shape_value=None) -> LinearHead | str:
     """The GAP + linear head ending at ``logits_output``, or a sentence saying why there is none.
-    ``layout_of(name)``, when given, is the layout the graph analysis found for a tensor ("" if unknown)."""
+    ``layout_of(name)``, when given, is the layout the graph analysis found for a tensor ("" if unknown);
+    ``shape_value(name)`` the value for one image of a tensor computed from the input's shape alone (or
+    None), for index arithmetic done at run time (the dynamo exporter's as_strided Gather)."""
     producers = {out: node for node in proto.graph.node for out in node.output}
     node = logits_node(proto, logits_output)
     while node is not None and (node.op_type in ("Reshape", "Flatten", "Squeeze", "Identity")
@@ -308,6 +310,10 @@ def find_linear_head(proto, values: dict, logits_output: str, layout_of=None) ->
         return (f"the pooled tensor {feature_map!r} has layout {known or 'unknown'}, but the pooling reads it "
                 f"as {layout}")
     state = _Channels(pooled, channels)
+    if shape_value is not None:  # indices computed from the input's shape: their value for one image
+        computed = {node.input[1]: shape_value(node.input[1]) for node in chain
+                    if not isinstance(node, tuple) and node.op_type == "Gather" and node.input[1] not in values}
+        values = {**values, **{name: value for name, value in computed.items() if value is not None}}
     reason = _follow(reversed(chain), values, state, shapes)
     if reason:
         return reason

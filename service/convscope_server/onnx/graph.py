@@ -267,6 +267,24 @@ def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
+def shape_only(model: onnx.ModelProto, name: str, image_input: str) -> bool:
+    """True when ``name`` depends on the image only through its shape (Shape / Size of it): index arithmetic
+    a graph computes at run time, such as the dynamo exporter's as_strided indices (a Range over the batch
+    size). Such a tensor has one value per input shape, which one run at that shape gives."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    stack, seen = [name], set()
+    while stack:
+        tensor = stack.pop()
+        if tensor == image_input:
+            return False
+        node = producers.get(tensor)
+        if tensor in seen or node is None or node.op_type in ("Shape", "Size"):
+            continue
+        seen.add(tensor)
+        stack.extend(i for i in node.input if i)
+    return True
+
+
 def opset_version(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
