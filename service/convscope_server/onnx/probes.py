@@ -61,6 +61,12 @@ class SessionPool:
         with self._lock:
             return sum(1 for key in self._sessions if key[0] is owner)
 
+    def drop(self, owner) -> None:
+        """Forget every session of ``owner`` (a model replaced or removed by a reload)."""
+        with self._lock:
+            for key in [key for key in self._sessions if key[0] is owner]:
+                del self._sessions[key]
+
 
 # One pool per process (--max-probe-sessions): memory is the process's, whatever serves from it.
 SESSIONS = SessionPool()
@@ -92,3 +98,7 @@ class ProbeCache:
 
     def __len__(self) -> int:
         return self._pool.count(self)
+
+    def clear(self) -> None:
+        """Drop this model's sessions from the pool (their weights are freed once no request holds them)."""
+        self._pool.drop(self)
