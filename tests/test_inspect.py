@@ -215,6 +215,15 @@ def test_score_cam_equals_pytorch_grad_cam(client, chelsea, lite0):
     got = client.score_cam("tiny", X_TINY, "/conv3/Conv_output_0", target=2)
     np.testing.assert_allclose(got.cam, expected, rtol=1e-4, atol=1e-4)
 
+    # After a ReLU, a dead channel is zero everywhere: one pass scores every such channel.
+    with ScoreCAM(model=native, target_layers=[native.relu2]) as cam:
+        expected = cam(input_tensor=torch.from_numpy(X_TINY[None]), targets=[ClassifierOutputTarget(2)])[0]
+    activation = client.activations("tiny", X_TINY, ["/relu2/Relu_output_0"])["/relu2/Relu_output_0"].values[0]
+    silent = int((~activation.reshape(len(activation), -1).any(axis=1)).sum())
+    assert silent >= 1  # DEAD_CHANNEL at least
+    got = client.score_cam("tiny", X_TINY, "/relu2/Relu_output_0", target=2)
+    np.testing.assert_allclose(got.cam, expected, rtol=1e-4, atol=1e-4)
+
     x = reference_input(chelsea)
     with ScoreCAM(model=lite0, target_layers=[lite0._blocks[15]._bn2]) as cam:
         cam.batch_size = 64

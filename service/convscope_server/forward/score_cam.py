@@ -43,6 +43,7 @@ def _scale(cam: np.ndarray) -> np.ndarray:
 class ScoreCamMap:
     cam: np.ndarray              # (H, W) in [0, 1]
     channel_weights: np.ndarray  # (C,)
+    passes: int = 0              # forward passes run: one per live channel, one for all silent ones
 
 
 def score_cam(backend, sample: np.ndarray, target: int, activation: np.ndarray, channel_axis: int,
@@ -53,18 +54,25 @@ def score_cam(backend, sample: np.ndarray, target: int, activation: np.ndarray, 
     height, width = sample.shape[spatial_axes[0]], sample.shape[spatial_axes[1]]
     channels = activation.shape[0]
     scores = np.empty(channels, np.float32)
-    for begin in range(0, channels, batch_size):
+    # A channel that is zero everywhere (common after a ReLU) masks the whole input to zero, whatever the
+    # channel: one pass scores them all, exactly as one pass each would.
+    silent = ~activation.reshape(channels, -1).any(axis=1)
+    if silent.any():
+        scores[silent] = backend.logits(np.zeros_like(sample[None], dtype=np.float32))[0, target]
+    live = np.flatnonzero(~silent)
+    for begin in range(0, len(live), batch_size):
         if should_stop is not None and should_stop():
             return None
-        masks = resize_align_corners(activation[begin: begin + batch_size], height, width)
+        chosen = live[begin: begin + batch_size]
+        masks = resize_align_corners(activation[chosen], height, width)
         flat = masks.reshape(len(masks), -1)
         lo, hi = flat.min(axis=1)[:, None, None], flat.max(axis=1)[:, None, None]
         masks = (masks - lo) / (hi - lo + 1e-8)
         masks = np.expand_dims(masks, 1 + channel_axis)  # broadcast over the input's channels
-        scores[begin: begin + len(masks)] = backend.logits((sample[None] * masks).astype(np.float32))[:, target]
+        scores[chosen] = backend.logits((sample[None] * masks).astype(np.float32))[:, target]
         if progress is not None:
-            progress(begin + len(masks), channels)
+            progress(int(silent.sum()) + begin + len(chosen), channels)
     weights = softmax(scores)
     cam = np.maximum((weights[:, None, None] * activation).sum(axis=0), 0)
     cam = render.resize(_scale(cam), height, width)
-    return ScoreCamMap(_scale(np.maximum(cam, 0)).astype(np.float32), weights)
+    return ScoreCamMap(_scale(np.maximum(cam, 0)).astype(np.float32), weights, len(live) + int(silent.any()))
