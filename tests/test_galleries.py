@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -15,6 +19,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from convscope import AlreadyExists, Client, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from conftest import start
+from convscope_server.galleries import GalleryWriter, read_gallery
 from test_datasets import endless_images, random_images
 
 MODEL = "efficientnet_lite0"
@@ -281,3 +286,153 @@ def test_cli_dataset_commands(server, tmp_path, capsys):
     assert main(base + ["gallery", "delete", "cli-tiny"]) == 0
     assert main(base + ["patches", MODEL, "/nope", "--dataset", "demo"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+# -- housekeeping: a shared root, files changing on disk --------------------------------------------------
+
+HOLD_LOCK = ("import fcntl, sys; f = open(sys.argv[1], 'rb'); fcntl.flock(f, fcntl.LOCK_EX); "
+             "print('locked', flush=True); sys.stdin.read()")
+
+
+def test_start_up_removes_only_its_own_files_whose_owner_is_gone(repository, data_root, tmp_path):
+    root = tmp_path / "galleries"
+    root.mkdir()
+    users = {".gitignore": b"*\n", ".env": b"TOKEN=1\n", ".notes": b"remember", "notes.txt": b"x",
+             ".codes-k2j3h4": b"looks like an old temporary name", ".convscope-tmp-notes": b"not ours either"}
+    for name, data in users.items():
+        (root / name).write_bytes(data)
+    (root / ".git").mkdir()
+    dead = [".convscope-tmp-999999-0123456789abcdef.codes.tmp", ".convscope-tmp-999999-0123456789abcdef.gallery.tmp",
+            ".convscope-build-old.lock"]
+    live = ".convscope-tmp-4242-fedcba9876543210.thumbs.tmp"
+    for name in dead + [live]:
+        (root / name).write_bytes(b"partial")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(root / live)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start(repository, data_root=data_root, gallery_root=root).stop(0)
+        assert {p.name for p in root.iterdir()} == set(users) | {".git", live}
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    start(repository, data_root=data_root, gallery_root=root).stop(0)  # its owner is gone now
+    assert {p.name for p in root.iterdir()} == set(users) | {".git"}
+    assert all((root / name).read_bytes() == data for name, data in users.items())
+
+
+def test_two_servers_share_a_gallery_root(repository, data_root, tmp_path):
+    root = tmp_path / "galleries"
+    images = random_images(80, seed=3)
+    resume = threading.Event()
+    checked = []
+    first = start(repository, data_root=data_root, gallery_root=root)
+    second = None
+
+    def items():
+        for i, image in enumerate(images):
+            if i == 40:
+                resume.wait(60)  # the first build stays in progress until the second server has had its go
+            yield f"img{i}", image, "x"
+
+    def progress(step, total, stage):
+        nonlocal second
+        if checked:
+            return
+        try:
+            assert not resume.is_set()
+            building = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+            assert building  # the build's lock and temporary files
+            second = start(repository, data_root=data_root, gallery_root=root)
+            assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == building
+            with Client(second.address, timeout=60) as c:
+                with pytest.raises(AlreadyExists, match="being built by another server"):
+                    c.build_gallery("shared", "tiny", random_images(3), overwrite=True)
+                assert c.build_gallery("other", "tiny", random_images(5)).size == 5  # meanwhile
+            checked.append(step)
+        finally:
+            resume.set()
+
+    try:
+        with Client(first.address, timeout=120) as c1:
+            info = c1.build_gallery("shared", "tiny", items(), progress=progress)
+            assert checked and info.size == 80
+            assert c1.nearest_neighbors("other", random_images(5)[3], k=1).feature[0].index == 3
+            with Client(second.address, timeout=60) as c2:
+                assert {g.name for g in c2.galleries() if g.ready} == {"shared", "other"}
+                assert c2.nearest_neighbors("shared", images[50], k=1).feature[0].id == "img50"
+                with pytest.raises(AlreadyExists, match="set overwrite"):
+                    c2.build_gallery("shared", "tiny", random_images(3))
+    finally:
+        first.stop(0)
+        if second is not None:
+            second.stop(0)
+    assert sorted(p.name for p in root.iterdir()) == ["other.gallery", "shared.gallery"]
+
+
+def gallery_bytes(staging, header, codes, thumbnails) -> bytes:
+    """A valid gallery file with ``header``'s metadata, ids, labels and predictions and other arrays."""
+    staging.mkdir(exist_ok=True)
+    writer = GalleryWriter(staging, codes.shape[1], thumbnails.shape[1])
+    writer.add(codes, thumbnails, header["ids"], header["labels"], header["predicted"])
+    meta = {key: header[key] for key in ("model", "model_fingerprint", "layer", "source", "created")}
+    writer.finish(staging / "out.gallery", meta)
+    return (staging / "out.gallery").read_bytes()
+
+
+def test_a_gallery_file_changed_on_disk_is_verified_again(repository, data_root, tmp_path):
+    root, staging = tmp_path / "galleries", tmp_path / "staging"
+    a_images, b_images = random_images(6, seed=11), random_images(9, seed=12)
+    running = start(repository, data_root=data_root, gallery_root=root)
+    try:
+        with Client(running.address, timeout=60) as c:
+            c.build_gallery("a", "tiny", [(f"a{i}", x, "a") for i, x in enumerate(a_images)])
+            c.build_gallery("b", "tiny", [(f"b{i}", x, "b") for i, x in enumerate(b_images)])
+            assert c.nearest_neighbors("a", b_images[2], k=3).feature[0].id.startswith("a")  # mapped, norms cached
+            path = root / "a.gallery"
+            original, other = path.read_bytes(), (root / "b.gallery").read_bytes()
+
+            # Rewritten in place (same inode) with another valid gallery: served as the new file, whose
+            # header and offsets differ (the old mapping read codes at the old offsets: NaN, wrong rows).
+            path.write_bytes(other)
+            found = c.nearest_neighbors("a", b_images[2], k=3)
+            assert found == c.nearest_neighbors("b", b_images[2], k=3)
+            assert found.feature[0].id == "b2" and found.feature[0].distance < 1e-3
+            assert {g.name: g.size for g in c.galleries()} == {"a": 9, "b": 9}
+
+            # Same inode, same size, one byte flipped: noticed by its modification time.
+            flipped = bytearray(other)
+            flipped[-100] ^= 0xFF  # a thumbnail byte
+            time.sleep(0.05)  # past the file system's timestamp granularity (see the module docstring)
+            path.write_bytes(bytes(flipped))
+            with pytest.raises(FailedPrecondition, match="checksum"):
+                c.nearest_neighbors("a", b_images[2])
+
+            path.write_bytes(b"garbage")
+            with pytest.raises(FailedPrecondition, match="bad magic"):
+                c.nearest_neighbors("a", b_images[2])
+            with pytest.raises(FailedPrecondition, match="bad magic"):
+                c.embedding("a", "pca")
+            listed = {g.name: g for g in c.galleries()}
+            assert not listed["a"].ready and "bad magic" in listed["a"].error and listed["b"].ready
+
+            good = read_gallery(root / "b.gallery", "b")
+            codes = np.asarray(good.codes).copy()
+            codes[3, 5] = np.nan
+            (staging / "nan.gallery").write_bytes(gallery_bytes(staging, good.header, codes,
+                                                                np.asarray(good.thumbnails)))
+            os.replace(staging / "nan.gallery", path)
+            with pytest.raises(FailedPrecondition, match="NaN"):
+                c.nearest_neighbors("a", b_images[2])
+
+            (staging / "good.gallery").write_bytes(original)
+            os.replace(staging / "good.gallery", path)  # back without a restart
+            found = c.nearest_neighbors("a", a_images[4], k=1)
+            assert (found.feature[0].id, found.pixel[0].id) == ("a4", "a4") and found.feature[0].distance < 1e-3
+
+            path.unlink()
+            with pytest.raises(NotFound, match="unknown gallery 'a'"):
+                c.nearest_neighbors("a", a_images[4])
+            assert [g.name for g in c.galleries()] == ["b"]
+    finally:
+        running.stop(0)
