@@ -20,5 +20,8 @@ RUN pip install --no-cache-dir ".[server,gradient,${ORT}]"
 COPY --from=model /src/models /models
 EXPOSE 50051
 RUN mkdir -p /datasets /galleries
-ENTRYPOINT ["convscope-server", "--repository", "/models", "--port", "50051", "--data-root", "/datasets", \
-            "--gallery-root", "/galleries"]
+# The server binds 127.0.0.1 by default; in a container it must listen on the container's interface for
+# the published port to reach it. Add --tls-cert/--tls-key (mounted files) and CONVSCOPE_TOKEN_FILE when
+# the port is reachable from other machines.
+ENTRYPOINT ["convscope-server", "--host", "0.0.0.0", "--repository", "/models", "--port", "50051", \
+            "--data-root", "/datasets", "--gallery-root", "/galleries"]

@@ -393,9 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", default=DEFAULT_TARGET,
                         help=f"server address (env CONVSCOPE_SERVER, default {DEFAULT_TARGET})")
     parser.add_argument("--token", default=os.environ.get("CONVSCOPE_TOKEN"),
-                        help="bearer token, when the server wants one (env CONVSCOPE_TOKEN)")
-    parser.add_argument("--tls", metavar="PEM", default=None,
-                        help="use TLS; PEM is a root-certificate file, or 'system' for the system roots")
+                        help="bearer token, when the server wants one (env CONVSCOPE_TOKEN; given here it is "
+                        "visible in `ps`: prefer the variable or --token-file)")
+    parser.add_argument("--token-file", type=Path, default=os.environ.get("CONVSCOPE_TOKEN_FILE"),
+                        help="read the bearer token from this file's first line (env CONVSCOPE_TOKEN_FILE)")
+    parser.add_argument("--tls", metavar="PEM", default=os.environ.get("CONVSCOPE_TLS"),
+                        help="use TLS; PEM is a root-certificate file, or 'system' for the system roots "
+                        "(env CONVSCOPE_TLS)")
+    parser.add_argument("--tls-cert", metavar="PEM", default=os.environ.get("CONVSCOPE_TLS_CERT"),
+                        help="client certificate for servers that require one (mutual TLS); needs --tls-key "
+                        "(env CONVSCOPE_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="PEM", default=os.environ.get("CONVSCOPE_TLS_KEY"),
+                        help="private key of --tls-cert (env CONVSCOPE_TLS_KEY)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -504,13 +513,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token(args) -> str | None:
+    """--token, or the first line of --token-file; both at once is an error."""
+    if args.token_file is None:
+        return args.token
+    if args.token:
+        raise ValueError("--token-file: a token is also given by --token or CONVSCOPE_TOKEN; use one")
+    lines = Path(args.token_file).read_text().splitlines()
+    if not lines or not lines[0].strip():
+        raise ValueError(f"--token-file: {str(args.token_file)!r} is empty")
+    return lines[0].strip()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "out") and args.out is None:
         args.out = Path("convscope-out") / args.command
     tls = True if args.tls == "system" else args.tls
+    try:  # connection flags: inconsistent ones or unreadable files end here, before any call
+        client = Client(args.server, token=_token(args), tls=tls, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        timeout=args.timeout)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"convscope: {error}", file=sys.stderr)
+        return 2
     try:
-        with Client(args.server, token=args.token, tls=tls, timeout=args.timeout) as client:
+        with client:
             return args.run(client, args)
     except ConvscopeError as error:
         print(f"convscope: {error}", file=sys.stderr)

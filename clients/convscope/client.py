@@ -208,17 +208,32 @@ def _attribution(r) -> Attribution:
                        r.mask_png)
 
 
-def _tls_credentials(tls) -> grpc.ChannelCredentials:
+def _pem(value, name: str) -> bytes:
+    """PEM bytes, or the contents of the file a str/PathLike names."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (str, os.PathLike)):
+        with open(value, "rb") as f:
+            return f.read()
+    raise TypeError(f"{name} must be PEM bytes or a path to a PEM file, not {type(value).__name__}")
+
+
+def _tls_credentials(tls, cert=None, key=None) -> grpc.ChannelCredentials:
+    """Channel credentials: ``tls`` is True (system roots), PEM root-certificate bytes, a path to them, or
+    ready credentials; ``cert`` and ``key`` (PEM bytes or paths) are the client's certificate chain and
+    private key for servers that require client certificates (mutual TLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("tls_cert and tls_key go together: a client certificate needs its private key")
     if isinstance(tls, grpc.ChannelCredentials):
+        if cert is not None:
+            raise ValueError("tls_cert/tls_key cannot be added to ready grpc credentials; build them in")
         return tls
-    if tls is True:
-        return grpc.ssl_channel_credentials()
-    if isinstance(tls, (bytes, bytearray)):
-        return grpc.ssl_channel_credentials(root_certificates=bytes(tls))
-    if isinstance(tls, (str, os.PathLike)):
-        with open(tls, "rb") as f:
-            return grpc.ssl_channel_credentials(root_certificates=f.read())
-    raise TypeError("tls must be True, a grpc.ChannelCredentials, PEM root-certificate bytes or a path to them")
+    if tls is not True and not isinstance(tls, (bytes, bytearray, str, os.PathLike)):
+        raise TypeError("tls must be True, a grpc.ChannelCredentials, PEM root-certificate bytes or a path to them")
+    roots = None if tls is True else _pem(tls, "tls")
+    chain = None if cert is None else _pem(cert, "tls_cert")
+    private = None if key is None else _pem(key, "tls_key")
+    return grpc.ssl_channel_credentials(root_certificates=roots, private_key=private, certificate_chain=chain)
 
 
 class Client(DatasetMethods):
@@ -228,16 +243,21 @@ class Client(DatasetMethods):
     ...     c.predict("efficientnet_lite0", "cat.png", top=3)
 
     ``token`` is sent as ``authorization: Bearer <token>``; ``tls`` is True (system roots), PEM bytes, a
-    path to a PEM file, or grpc credentials. ``timeout`` is the default deadline of every call in seconds.
+    path to a PEM file, or grpc credentials. For servers that require client certificates (mutual TLS)
+    ``tls_cert`` and ``tls_key`` are the client's certificate chain and private key (PEM bytes or paths;
+    they imply ``tls=True`` when ``tls`` is not given). ``timeout`` is the default deadline of every call
+    in seconds.
     Errors raise :class:`convscope.ConvscopeError` subclasses carrying the status code and message.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls=None,
-                 timeout: float | None = 120.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 tls_cert=None, tls_key=None, timeout: float | None = 120.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
-        if tls:
-            self._channel = grpc.secure_channel(target, _tls_credentials(tls), options=options)
+        if tls or tls_cert is not None or tls_key is not None:
+            credentials = _tls_credentials(tls or True, tls_cert, tls_key)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self.target = target

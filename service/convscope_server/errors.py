@@ -7,6 +7,7 @@ message, logs anything unexpected as INTERNAL, and keeps the server serving.
 from __future__ import annotations
 
 import difflib
+import hmac
 import logging
 import time
 
@@ -61,32 +62,101 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
-def _wrap(handler, wrap_unary, wrap_stream):
+class Unavailable(ServiceError):
+    """The server cannot run the call now (it is shutting down); a retry elsewhere or later may work."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Malformed:
+    """What a request deserializer gives for bytes that are not the request message (gRPC would otherwise
+    answer INTERNAL and log a traceback before any interceptor runs)."""
+
+    def __init__(self, message_type: str, reason: str):
+        self.message = f"request: the {message_type} message could not be parsed ({reason})"
+
+
+def _tolerant(deserializer):
+    """``deserializer`` that returns :class:`Malformed` instead of raising."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    message_type = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError, others anything
+            return Malformed(message_type, str(error).rsplit(": ", 1)[-1] or type(error).__name__)
+    return deserialize
+
+
+def _checked(requests):
+    """A request stream that raises INVALID_ARGUMENT at the first message that could not be parsed."""
+    for request in requests:
+        if isinstance(request, Malformed):
+            raise InvalidArgument("request", request.message.split(": ", 1)[1])
+        yield request
+
+
+def _wrap(handler, wrap_unary, wrap_stream, deserializer=None):
+    """``handler`` with its behaviour wrapped (``wrap_*(behaviour, stream_request)``) and the request
+    deserializer replaced by ``deserializer(original)`` when given."""
     if handler is None:
         return None
+    request = handler.request_deserializer if deserializer is None else deserializer(handler.request_deserializer)
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), handler.request_deserializer,
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary, False), request,
                                                    handler.response_serializer)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream),
-                                                    handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream, False), request,
+                                                    handler.response_serializer)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary),
-                                                    handler.request_deserializer, handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream),
-                                                 handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary, True), request,
+                                                    handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream, True), request,
+                                                 handler.response_serializer)
+
+
+def _log_call(method: str, start: float, code: grpc.StatusCode, message: str = "") -> None:
+    log.info("%s %s %.1f ms%s", method, code.name, (time.perf_counter() - start) * 1e3,
+             f" ({message})" if message else "")
+
+
+def _ended_code(context) -> grpc.StatusCode:
+    """Why a call that is no longer active ended: its deadline passed, or the client cancelled it."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+        else grpc.StatusCode.CANCELLED
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps :class:`ServiceError` to its status, unexpected exceptions to INTERNAL; logs every call."""
+    """Maps :class:`ServiceError` to its status, unexpected exceptions to INTERNAL; logs every call.
+
+    Request bodies that do not parse are answered INVALID_ARGUMENT (a :class:`Malformed` request), and calls
+    the client cancelled (or whose deadline passed) are logged CANCELLED (DEADLINE_EXCEEDED), not OK.
+    Methods in ``light_methods`` run on ``light_pool`` (gRPC's per-behaviour thread pool), so they never wait
+    for a request thread held by a heavy job. ``prepare()``, when given, runs on the request thread before
+    each call (the server uses it to name its job gate)."""
+
+    def __init__(self, light_pool=None, light_methods=frozenset(), prepare=None):
+        self._light_pool, self._light_methods = light_pool, light_methods
+        self._prepare = prepare or (lambda: None)
 
     def intercept_service(self, continuation, details):
         method = details.method
+        pool = self._light_pool if method in self._light_methods else None
+
+        def on_pool(behaviour):
+            if pool is not None:
+                behaviour.experimental_thread_pool = pool
+            return behaviour
 
         def finish(context, start, code, message=""):
-            log.info("%s %s %.1f ms%s", method, code.name, (time.perf_counter() - start) * 1e3,
-                     f" ({message})" if message else "")
-            if code is not grpc.StatusCode.OK:
+            if code is grpc.StatusCode.OK and not context.is_active():
+                code = _ended_code(context)
+            _log_call(method, start, code, message)
+            if code is not grpc.StatusCode.OK and context.is_active():
                 context.abort(code, message)
 
         def failure(error):
@@ -97,9 +167,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             log.exception("unexpected error in %s", method)
             return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
-        def wrap_unary(behaviour):
+        def wrap_unary(behaviour, stream_request):
             def unary(request, context):
                 start = time.perf_counter()
+                self._prepare()
+                if stream_request:
+                    request = _checked(request)
+                elif isinstance(request, Malformed):
+                    finish(context, start, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    return None
                 try:
                     response = behaviour(request, context)
                 except ServiceError as error:
@@ -111,13 +187,22 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 else:
                     finish(context, start, grpc.StatusCode.OK)
                     return response
-            return unary
+            return on_pool(unary)
 
-        def wrap_stream(behaviour):
+        def wrap_stream(behaviour, stream_request):
             def stream(request, context):
                 start = time.perf_counter()
+                self._prepare()
+                if stream_request:
+                    request = _checked(request)
+                elif isinstance(request, Malformed):
+                    finish(context, start, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    return None
                 try:
                     yield from behaviour(request, context)
+                except GeneratorExit:  # gRPC closed the response stream: the client went away
+                    _log_call(method, start, _ended_code(context))
+                    raise
                 except ServiceError as error:
                     finish(context, start, *failure(error))
                 except Exception as error:  # noqa: BLE001
@@ -126,13 +211,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     finish(context, start, *failure(error))
                 else:
                     finish(context, start, grpc.StatusCode.OK)
-            return stream
+            return on_pool(stream)
 
-        return _wrap(continuation(details), wrap_unary, wrap_stream)
+        return _wrap(continuation(details), wrap_unary, wrap_stream, _tolerant)
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every call except health checks."""
+    """Requires ``authorization: Bearer <token>`` on every call except health checks. It runs before
+    everything else: a refused call's body is never parsed and nothing but the refusal is logged."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}"
@@ -141,12 +227,15 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if details.method.startswith("/grpc.health.v1.Health/"):
             return continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization")
-        if given == self._expected:
+        if given is not None and hmac.compare_digest(given.encode(), self._expected.encode()):
             return continuation(details)
         reason = "missing authorization metadata" if given is None else "invalid token"
+        method = details.method
 
         def deny(request, context):
+            _log_call(method, time.perf_counter(), grpc.StatusCode.UNAUTHENTICATED, reason)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"authorization: {reason}")
 
-        handler = continuation(details)
-        return _wrap(handler, lambda _: deny, lambda _: deny)
+        # The body is not parsed (the identity deserializer): unauthenticated bytes get no parser.
+        handler = continuation(details) or grpc.stream_stream_rpc_method_handler(deny)
+        return _wrap(handler, lambda *_: deny, lambda *_: deny, lambda _: (lambda data: data))
