@@ -126,3 +126,126 @@ def test_token_is_required_when_configured(repository, chelsea):
             assert any(m.name == MODEL for m in good.models())
     finally:
         secured.stop(0)
+
+
+# -- numeric fields: NaN, infinities and out-of-range values answer INVALID_ARGUMENT naming the field ------
+# (issue 12: each of these answered INTERNAL, or OK with NaN results)
+
+NAN, HUGE = float("nan"), 3.4e38
+TINY_X = np.random.default_rng(0).normal(0, 0.5, (3, 32, 32)).astype(np.float32)
+
+
+def _stream(client, method, request):
+    return client._stream(method, request)
+
+
+def _synthesis_cases(c):
+    from convscope.v1 import synthesis_pb2 as s
+
+    image = tensor_pb2.Image(array=to_tensor(TINY_X))
+    layer = "/conv3/Conv_output_0"
+
+    def opt(**kw):
+        return s.Optimization(steps=2, **kw)
+
+    return [
+        ("optimization.learning_rate", c._synthesis.Invert, s.InvertRequest(
+            model="tiny", image=image, layers=[layer], optimization=opt(learning_rate=NAN))),
+        ("optimization.learning_rate", c._synthesis.Invert, s.InvertRequest(
+            model="tiny", image=image, layers=[layer], optimization=opt(learning_rate=HUGE))),
+        ("optimization.learning_rate", c._synthesis.Style, s.StyleRequest(
+            model="tiny", style=image, style_layers=[layer], optimization=opt(learning_rate=NAN))),
+        ("optimization.learning_rate", c._synthesis.Style, s.StyleRequest(
+            model="tiny", style=image, style_layers=[layer], optimization=opt(learning_rate=HUGE))),
+        ("style_weight", c._synthesis.Style, s.StyleRequest(
+            model="tiny", style=image, style_layers=[layer], style_weight=NAN, optimization=opt())),
+        ("optimization.learning_rate", c._synthesis.Visualize, s.VisualizeRequest(
+            model="tiny", target=1, optimization=opt(learning_rate=NAN))),
+        *[("blur_sigma", c._synthesis.Visualize, s.VisualizeRequest(
+            model="tiny", target=1, blur_every=1, blur_sigma=sigma, optimization=opt())) for sigma in (NAN, 1e30, 100)],
+        ("octaves", c._synthesis.DeepDream, s.DeepDreamRequest(
+            model="efficientnet_lite0", image=tensor_pb2.Image(encoded=png_bytes(np.zeros((224, 224, 3), np.uint8))),
+            layer="/_blocks.15/_project_conv/Conv_output_0", octaves=8, octave_scale=4, optimization=opt())),
+    ]
+
+
+def _other_cases(c):
+    from convscope.v1 import attribution_pb2 as a
+    from convscope.v1 import inspect_pb2 as i
+
+    image = tensor_pb2.Image(array=to_tensor(TINY_X))
+    return [
+        *[("blur_sigma", c._inspect.Occlusion, i.OcclusionRequest(
+            model="tiny", image=image, baseline=i.BASELINE_BLUR, blur_sigma=sigma)) for sigma in (NAN, 1e30, 100)],
+        ("constant", c._inspect.Occlusion, i.OcclusionRequest(model="tiny", image=image, constant=NAN)),
+        ("baseline", c._attribution.Saliency, a.SaliencyRequest(
+            model="tiny", image=image, method=a.SALIENCY_INTEGRATED_GRADIENTS, baseline=NAN)),
+        ("noise", c._attribution.Saliency, a.SaliencyRequest(
+            model="tiny", image=image, method=a.SALIENCY_SMOOTHGRAD, noise=NAN)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_bad_numbers_in_synthesis(client, index):
+    field, method, request = _synthesis_cases(client)[index]
+    with pytest.raises(InvalidArgument, match=rf"^INVALID_ARGUMENT: {field}: "):
+        _stream(client, method, request)
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_bad_numbers_in_inspection_and_attribution(client, index):
+    field, method, request = _other_cases(client)[index]
+    with pytest.raises(InvalidArgument, match=rf"^INVALID_ARGUMENT: {field}: "):
+        _stream(client, method, request)
+
+
+def test_smoothgrad_with_a_billion_samples_is_refused_before_any_work(client):
+    with pytest.raises(ResourceExhausted, match=r"samples: 1000000000 forward passes is over the limit"):
+        client.saliency("tiny", TINY_X, method="smoothgrad", samples=10**9)
+
+
+@pytest.mark.parametrize("shape,data", [([100], 100), ([], 1), ([2**32, 2**32], 0), ([2**62, 4], 0),
+                                        ([0, 5], 0), ([2, 2, 2, 2], 16)])
+def test_uint8_arrays_of_wrong_shape(client, shape, data):
+    image = tensor_pb2.Image(array=tensor_pb2.Tensor(datatype="UINT8", shape=shape, raw_data=b"\1" * data))
+    with pytest.raises(InvalidArgument, match=r"images\[0\]\.array: "):
+        client._call(client._models.Predict, model_pb2.PredictRequest(model="tiny", images=[image]))
+
+
+def test_float_inputs_too_large_are_refused(client):
+    with pytest.raises(InvalidArgument, match=r"images\[0\]\.array: values must be within"):
+        client.predict("tiny", np.full((3, 32, 32), 1e30, np.float32))
+
+
+def test_bad_streamed_items_become_item_errors(client):
+    from convscope.v1 import dataset_pb2 as d
+
+    good = tensor_pb2.Image(encoded=png_bytes(np.zeros((32, 32, 3), np.uint8)))
+    bad = [tensor_pb2.Image(array=tensor_pb2.Tensor(datatype="UINT8", shape=shape, raw_data=b"\1" * n))
+           for shape, n in (([100], 100), ([], 1), ([2**32, 2**32], 0), ([2**62, 4], 0))]
+    spec = d.TopPatchesSpec(model="tiny", layer="/conv3/Conv_output_0", k=2)
+    requests = [d.TopPatchesRequest(spec=spec)] + [
+        d.TopPatchesRequest(item=d.DatasetItem(id=f"i{n}", image=image)) for n, image in enumerate([good, *bad, good])]
+    errors = []
+    result = client._stream(client._dataset.TopPatches, iter(requests), item_error=errors.append)
+    assert result.images == 6 and result.skipped == 4
+    assert [e.id for e in errors] == ["i1", "i2", "i3", "i4"]
+    assert all("image.array" in e.reason for e in errors)
+
+
+@pytest.fixture(scope="module")
+def tiny_gallery(server):
+    name = "bad-input-gallery"
+    with Client(server.address, timeout=60) as c:
+        c.build_gallery(name, "tiny", dataset="demo", overwrite=True)
+        yield name
+        c.delete_gallery(name)
+
+
+@pytest.mark.parametrize("field,kwargs", [("seed", {"seed": -1}), ("perplexity", {"perplexity": NAN}),
+                                          ("perplexity", {"perplexity": 1e-30})])
+def test_bad_embedding_numbers(client, tiny_gallery, field, kwargs):
+    from convscope.v1 import dataset_pb2 as d
+
+    with pytest.raises(InvalidArgument, match=rf"^INVALID_ARGUMENT: {field}: "):
+        client._stream(client._dataset.Embed, d.EmbedRequest(gallery=tiny_gallery, iterations=50, **kwargs))

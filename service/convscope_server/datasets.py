@@ -15,6 +15,7 @@ decode large JPEGs in draft mode (reduced DCT scale, see ``images``), which sing
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import queue
 import threading
@@ -29,6 +30,8 @@ import numpy as np
 from convscope_server.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from convscope_server.images import encoded_to_input, to_model_input
 from convscope_server.onnx.loading import inside
+
+log = logging.getLogger("convscope_server")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -73,10 +76,17 @@ class DataRoot:
             raise InvalidArgument(field, f"{name!r}: give a folder name relative to the data root")
         if ".." in Path(name).parts:
             raise InvalidArgument(field, f"{name!r}: '..' is not allowed; datasets are folders under the data root")
+        if len(name) > 1024 or "\0" in name:
+            raise InvalidArgument(field, f"{name[:64]!r}...: not a folder name (too long, or holds NUL)")
         folder = self.root / name
-        if not inside(folder, self.root):
+        try:
+            outside, missing = not inside(folder, self.root), not folder.is_dir()
+        except (OSError, ValueError) as error:
+            raise InvalidArgument(field, f"{name[:64]!r}: cannot be read as a folder: {error.strerror or error}"
+                                  if isinstance(error, OSError) else f"{name[:64]!r}: {error}") from None
+        if outside:
             raise InvalidArgument(field, f"{name!r} resolves outside the data root: refused")
-        if not folder.is_dir():
+        if missing:
             raise NotFound(field, "dataset", name, [d.name for d in self.summaries()])
         return folder
 
@@ -210,6 +220,11 @@ def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure]
                     pending.append((item, future.result()))
                 except ServiceError as error:
                     on_failure(ItemFailure(item.index, item.id, str(error)))
+                    continue
+                except Exception as error:  # noqa: BLE001 - one bad item never aborts the scan
+                    log.warning("dataset item %d (%s) failed: %s: %s", item.index, item.id, type(error).__name__, error)
+                    on_failure(ItemFailure(item.index, item.id, f"cannot use this image: {type(error).__name__}: "
+                                           f"{error}"))
                     continue
                 if len(pending) == size:
                     if not put(_stack(pending)):

@@ -41,6 +41,7 @@ from convscope_server.repository import ModelConfig
 from convscope_server.tensors import read_tensor
 
 DRAFT_MARGIN = 2  # a draft keeps at least this many times the pixels per side the resize needs
+MAX_INPUT_MAGNITUDE = 1e6  # float32 model inputs: larger values overflow float32 somewhere in most CNNs
 
 
 def sample_shape(config: ModelConfig) -> tuple[int, int, int]:
@@ -50,21 +51,25 @@ def sample_shape(config: ModelConfig) -> tuple[int, int, int]:
     return config.height, config.width, config.channels
 
 
-def decode(data: bytes, field: str, max_pixels: int) -> PILImage.Image:
+def decode(data: bytes, field: str, max_pixels: int, budget=None) -> PILImage.Image:
     """Decode image bytes in full (at most ``max_pixels``), the reference every request gets."""
-    return _decode(data, field, max_pixels)[0]
+    return _decode(data, field, max_pixels, budget=budget)[0]
 
 
 def encoded_to_input(data: bytes, config: ModelConfig, field: str, max_pixels: int,
-                     draft: bool = False) -> np.ndarray:
+                     draft: bool = False, budget=None) -> np.ndarray:
     """Encoded image bytes -> one model input. ``draft``: a JPEG much larger than the model input is decoded
-    at reduced scale (dataset scans only; see the module docstring)."""
-    image, box = _decode(data, field, max_pixels, config if draft else None)
-    return pixels_to_input(image, config, box)
+    at reduced scale (dataset scans only; see the module docstring). ``budget``: the request's
+    ``memory.Budget``, charged with the decoded size (read from the header) before decoding."""
+    image, box = _decode(data, field, max_pixels, config if draft else None, budget)
+    try:
+        return pixels_to_input(image, config, box)
+    except (ValueError, OSError) as error:  # a decoded mode Pillow cannot convert or resize
+        raise InvalidArgument(field, f"cannot use a {image.mode} image: {error}") from None
 
 
-def _decode(data: bytes, field: str, max_pixels: int,
-            draft: ModelConfig | None = None) -> tuple[PILImage.Image, tuple | None]:
+def _decode(data: bytes, field: str, max_pixels: int, draft: ModelConfig | None = None,
+            budget=None) -> tuple[PILImage.Image, tuple | None]:
     """The decoded image, and where the picture lies in it when JPEG draft mode reduced it: (0, 0, W / s,
     H / s) for a 1/s decode, whose last row and column cover a partial block."""
     if not data:
@@ -78,6 +83,8 @@ def _decode(data: bytes, field: str, max_pixels: int,
             if width * height > max_pixels:
                 raise ResourceExhausted(f"{field}: image is {width}x{height} = {width * height} pixels, over "
                                         f"the limit of {max_pixels}")
+            if budget is not None:
+                budget.decoded(width, height, field)
             if draft is not None and image.format in ("JPEG", "MPO"):  # MPO: JPEG with extra frames
                 needed = resized_size(width, height, draft)
                 reduced = image.draft(None, (DRAFT_MARGIN * needed[0], DRAFT_MARGIN * needed[1]))
@@ -136,12 +143,14 @@ def _array_to_pil(array: np.ndarray, field: str) -> PILImage.Image:
     raise InvalidArgument(field, f"uint8 pixels must be HxW or HxWxC with C in 1, 3, 4; got shape {list(array.shape)}")
 
 
-def to_model_input(message, config: ModelConfig, field: str, max_pixels: int, draft: bool = False) -> np.ndarray:
+def to_model_input(message, config: ModelConfig, field: str, max_pixels: int, draft: bool = False,
+                   budget=None) -> np.ndarray:
     """One Image message -> one model input sample (no batch axis), float32. ``draft``: large JPEGs are
-    decoded at reduced scale (dataset scans only; see the module docstring)."""
+    decoded at reduced scale (dataset scans only; see the module docstring). ``budget``: the request's
+    ``memory.Budget``, charged with decoded pixels before decoding."""
     which = message.WhichOneof("source")
     if which == "encoded":
-        return encoded_to_input(message.encoded, config, f"{field}.encoded", max_pixels, draft)
+        return encoded_to_input(message.encoded, config, f"{field}.encoded", max_pixels, draft, budget)
     if which != "array":
         raise InvalidArgument(field, "no image given: set encoded or array")
     array = read_tensor(message.array, f"{field}.array")
@@ -154,13 +163,21 @@ def to_model_input(message, config: ModelConfig, field: str, max_pixels: int, dr
                                   f"must have shape {list(expected)} (or [1, ...]); got {list(array.shape)}")
         if not np.isfinite(array).all():
             raise InvalidArgument(f"{field}.array", "contains NaN or infinite values")
+        if np.abs(array).max() > MAX_INPUT_MAGNITUDE:
+            raise InvalidArgument(f"{field}.array", f"values must be within +-{MAX_INPUT_MAGNITUDE:g} (model-input "
+                                  f"space), got {float(np.abs(array).max()):g}")
         return np.array(array)
     if array.dtype == np.uint8:
+        if array.ndim not in (2, 3):
+            raise InvalidArgument(f"{field}.array", f"uint8 pixels must be HxW or HxWxC with C in 1, 3, 4; got shape "
+                                  f"{list(array.shape)}")
         if array.size == 0:
             raise InvalidArgument(f"{field}.array", "empty pixel array")
         height, width = array.shape[:2]
         if height * width > max_pixels:
             raise ResourceExhausted(f"{field}.array: image is {width}x{height} pixels, over the limit of {max_pixels}")
+        if budget is not None:
+            budget.decoded(width, height, f"{field}.array")
         return pixels_to_input(_array_to_pil(np.ascontiguousarray(array), f"{field}.array"), config)
     raise InvalidArgument(f"{field}.array", f"datatype {message.array.datatype} is not accepted: send UINT8 pixels "
                           "or an FP32 model input")

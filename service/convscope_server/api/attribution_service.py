@@ -3,20 +3,26 @@ Grad-CAM / Grad-CAM++ on the torch module converted from the model's ONNX file."
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from convscope.v1 import attribution_pb2, attribution_pb2_grpc, tensor_pb2
 from convscope_server import render
-from convscope_server.api.common import (channel_axis as common_channel_axis, check_passes, input_axes,
-                                         neuron_position, positive, resolve_target, single_input, spatial_layer)
+from convscope_server.api.common import (stream_within, channel_axis as common_channel_axis, check_finite, check_passes, finite,
+                                         input_axes, neuron_position, positive, resolve_target, sample_bytes,
+                                         single_input, spatial_layer)
 from convscope_server.api.model_service import require_model
-from convscope_server.api.streaming import stream_job
 from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.forward import activations as acts
 from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.class_activation import class_activation_map, find_linear_head
 from convscope_server.gradient import attribution, backprop, cam, sanity, segmentation
+from convscope_server.images import MAX_INPUT_MAGNITUDE
+from convscope_server.memory import Budget, release
 from convscope_server.tensors import to_tensor
+
+MAX_IG_STEPS = 1000  # Integrated Gradients steps: Gauss-Legendre nodes come from an n x n eigenproblem
 
 
 class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
@@ -25,15 +31,16 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         self.bridges = bridges
         self.limits = limits
 
-    def _prepare(self, request):
+    def _prepare(self, request, budget=None):
         """(model, torch model, sample, target) for a request with model, image and optional target."""
         model = require_model(self.repository, request.model)
         torch_model = self.bridges.get(model)
-        sample = single_input(model, request, self.limits)
+        sample = single_input(model, request, self.limits, budget or Budget())
         target = resolve_target(model, OrtBackend(model), request, sample)
         return model, torch_model, sample, target
 
     def _result(self, model, sample, target, attributed, shown, passes, render_it, heat=None):
+        check_finite([attributed, shown], "image", "the gradients overflow float32 for this input")
         result = attribution_pb2.AttributionResult(target=target, label=model.label(target), backward_passes=passes)
         to_tensor(attributed.astype(np.float32), out=result.attribution)
         to_tensor(shown.astype(np.float32), out=result.map)
@@ -44,41 +51,58 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         return result
 
     def Saliency(self, request, context):
-        model, torch_model, sample, target = self._prepare(request)
-        channel_axis, _ = input_axes(model)
+        budget = Budget()
+        try:
+            yield from self._saliency(request, context, budget)
+        finally:
+            release(budget.total)
+
+    def _saliency(self, request, context, budget):
+        """Everything a request asks for is checked, and its memory estimated, before the image is decoded
+        or any noise drawn; SmoothGrad's noise is drawn one chunk at a time inside the job."""
+        model = require_model(self.repository, request.model)
         chunk = positive(request.batch_size, 16, "batch_size")
         if model.fixed_batch:
             chunk = model.fixed_batch if model.fixed_batch == 1 else chunk  # the graph cannot take more
         if chunk > self.limits.max_batch:
             raise ResourceExhausted(f"batch_size: {chunk} is over the limit of {self.limits.max_batch}")
         method = request.method
+        one = sample_bytes(model)
         if method == attribution_pb2.SALIENCY_VANILLA:
             passes = 1
         elif method == attribution_pb2.SALIENCY_SMOOTHGRAD:
             passes = positive(request.samples, 25, "samples")
-            noise_level = request.noise or 0.15
-            if not 0 < noise_level <= 10:
-                raise InvalidArgument("noise", f"must be in (0, 10], got {noise_level}")
-            spread = float(sample.max() - sample.min()) or 1.0
-            noise = np.random.default_rng(request.seed).normal(0, noise_level * spread, (passes, *sample.shape))
-            noise = noise.astype(np.float32)
+            noise_level = finite(request.noise, "noise", 0.0, 10.0, default=0.15, open_low=True)
+            check_passes(passes, self.limits, "samples")
+            budget.add(4 * min(chunk, passes) * one, "batch_size", f"{min(chunk, passes)} noisy copies at a time")
         elif method == attribution_pb2.SALIENCY_INTEGRATED_GRADIENTS:
             passes = positive(request.steps, 50, "steps")
+            if passes > MAX_IG_STEPS:
+                raise ResourceExhausted(f"steps: {passes} is over the limit of {MAX_IG_STEPS} Integrated Gradients "
+                                        "steps")
+            check_passes(passes, self.limits, "steps")
+            baseline_value = finite(request.baseline, "baseline", -MAX_INPUT_MAGNITUDE, MAX_INPUT_MAGNITUDE)
+            budget.add(2 * passes * one, "steps", f"a path of {passes} images and their gradients")
         else:
             raise InvalidArgument("method", f"unknown saliency method {method}")
-        check_passes(passes, self.limits, "samples" if method == attribution_pb2.SALIENCY_SMOOTHGRAD else "steps")
+        self.bridges.get(model)  # converting the model (once per server) is not the job's time
+        started = time.monotonic()
+        model, torch_model, sample, target = self._prepare(request, budget)
+        channel_axis, _ = input_axes(model)
 
         def work(progress, should_stop):
             with torch_model.scope():
                 if method == attribution_pb2.SALIENCY_VANILLA:
                     return attribution.vanilla(torch_model, sample, target)
                 if method == attribution_pb2.SALIENCY_SMOOTHGRAD:
-                    return attribution.smoothgrad(torch_model, sample, target, noise, chunk, should_stop, progress)
-                baseline = np.full_like(sample, request.baseline)
+                    spread = float(sample.max() - sample.min()) or 1.0
+                    return attribution.smoothgrad(torch_model, sample, target, passes, noise_level * spread,
+                                                  request.seed, chunk, should_stop, progress)
+                baseline = np.full_like(sample, baseline_value)
                 return attribution.integrated_gradients(torch_model, sample, target, baseline, passes, chunk,
                                                         should_stop, progress)
 
-        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
+        for kind, value in stream_within(context, work, started, self.limits):
             if kind == "progress":
                 yield attribution_pb2.AttributionEvent(progress=tensor_pb2.Progress(
                     step=value[0], total=value[1], stage="backward"))
@@ -105,7 +129,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             layer = model.layer(request.layer)
             channel_of_layer = common_channel_axis(layer, "layer")
             channels = layer.shape[channel_of_layer]
-            if channels > 0 and not 0 <= request.channel < channels:
+            if request.channel < 0 or (channels > 0 and request.channel >= channels):
                 raise InvalidArgument("channel", f"{request.channel} is outside {layer.name!r}'s channels "
                                       f"0..{channels - 1}")
             layer_name = layer.name
@@ -163,12 +187,23 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
                             request.render, heat=heat)
 
     def SanityCheck(self, request, context):
+        budget = Budget()
+        try:
+            yield from self._sanity_check(request, context, budget)
+        finally:
+            release(budget.total)
+
+    def _sanity_check(self, request, context, budget):
         model = require_model(self.repository, request.model)
         methods = list(dict.fromkeys(request.methods)) or list(SANITY_METHODS)
         unknown = [m for m in methods if m not in SANITY_METHODS]
         if unknown:
             raise InvalidArgument("methods", f"unknown {unknown}; choose from {list(SANITY_METHODS)}")
         steps = positive(request.steps, 16, "steps")
+        if steps > MAX_IG_STEPS:
+            raise ResourceExhausted(f"steps: {steps} is over the limit of {MAX_IG_STEPS} Integrated Gradients steps")
+        if "integrated_gradients" in methods:
+            budget.add(2 * steps * sample_bytes(model), "steps", f"a path of {steps} images and their gradients")
         cam_layer = None
         if "gradcam" in methods:
             name = request.cam_layer
@@ -181,13 +216,22 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             cam_layer = spatial_layer(model, name, "cam_layer", "Grad-CAM needs a conv feature map")
         if request.layers < 0:
             raise InvalidArgument("layers", f"must be >= 0, got {request.layers}")
-        model, torch_model, sample, target = self._prepare(request)
+        self.bridges.get(model)  # converting the model (once per server) is not the job's time
+        started = time.monotonic()
+        model, torch_model, sample, target = self._prepare(request, budget)
         channel_axis, (h_axis, w_axis) = input_axes(model)
         height, width = sample.shape[h_axis], sample.shape[w_axis]
         count = len(sanity.weighted_layers(torch_model, model.proto))
         count = min(count, request.layers) if request.layers else count
         per_round = sum(steps if m == "integrated_gradients" else 1 for m in methods)
         check_passes((count + 1) * per_round, self.limits, "layers")
+        if request.return_maps or request.render:
+            maps = (count + 1) * len(methods) * height * width * 4
+            if request.return_maps:
+                budget.response(maps, "return_maps", f"{count + 1} maps for each of {len(methods)} methods",
+                                self.limits.max_message_bytes)
+            else:
+                budget.add(maps, "render", f"{count + 1} maps for each of {len(methods)} methods")
 
         def cam_map(tm):
             activation, grads = cam.layer_and_gradient(tm, sample, target, cam_layer.name)
@@ -211,7 +255,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
                 return sanity.cascading_randomization(torch_model, model.proto, maps, request.layers, request.seed,
                                                       progress, should_stop, keep)
 
-        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
+        for kind, value in stream_within(context, work, started, self.limits):
             if kind == "progress":
                 yield attribution_pb2.SanityCheckEvent(progress=tensor_pb2.Progress(
                     step=value[0], total=value[1], stage="randomising"))

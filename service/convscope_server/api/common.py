@@ -2,17 +2,71 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 
+from convscope_server.api.streaming import stream_job
 from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.forward import activations as acts
 from convscope_server.images import to_model_input
 
 
-def positive(value: int, default: int, field: str) -> int:
+def positive(value: int, default: int, field: str, high: int | None = None) -> int:
+    """A count: 0 means ``default``; negative or above ``high`` is refused."""
     if value < 0:
         raise InvalidArgument(field, f"must be positive, got {value}")
+    if high is not None and value > high:
+        raise InvalidArgument(field, f"{value} is more than {high}")
     return value or default
+
+
+def finite(value: float, field: str, low: float = -math.inf, high: float = math.inf, *, default: float | None = None,
+           open_low: bool = False) -> float:
+    """A float field: 0 means ``default`` (when given); it must be a finite number in [low, high] (``open_low``:
+    above ``low``); NaN and infinities are refused with the field named."""
+    value = float(value)
+    if default is not None and value == 0:
+        value = float(default)
+    if not math.isfinite(value):
+        raise InvalidArgument(field, f"must be a finite number, got {value}")
+    if value < low or (open_low and value == low) or value > high:
+        left = "(" if open_low else "["
+        raise InvalidArgument(field, f"must be in {left}{low:g}, {high:g}], got {value:g}")
+    return value
+
+
+def non_negative(value: int, field: str) -> int:
+    if value < 0:
+        raise InvalidArgument(field, f"must be >= 0, got {value}")
+    return int(value)
+
+
+def unique_layers(model, names, field: str = "layers") -> list:
+    """Each named layer once, in first-mention order (a name repeated, or a node and its output, count once)."""
+    layers = {}
+    for i, name in enumerate(names):
+        layer = model.layer(name, f"{field}[{i}]")
+        layers.setdefault(layer.name, layer)
+    return list(layers.values())
+
+
+def check_finite(values, field: str, reason: str) -> None:
+    """NaN never comes back with OK: a non-finite result is refused, naming the field most likely to blame."""
+    for value in values if isinstance(values, (list, tuple)) else (values,):
+        if not np.isfinite(np.asarray(value)).all():
+            raise InvalidArgument(field, f"the result is not finite (NaN or infinity): {reason}")
+
+
+def seconds_left(started: float, limits, what: str = "preparing the job") -> float:
+    """The wall time a streamed job has left after its preparation (decoding, first passes), which counts
+    against --max-job-seconds too; RESOURCE_EXHAUSTED when none is left."""
+    left = limits.max_job_seconds - (time.monotonic() - started)
+    if left <= 0:
+        raise ResourceExhausted(f"the job ran past the server's limit of {limits.max_job_seconds:g} s while "
+                                f"{what} and was stopped")
+    return left
 
 
 def optional_size(request, field: str, default: int) -> int:
@@ -29,10 +83,23 @@ def input_axes(model) -> tuple[int, tuple[int, int]]:
     return (0, (1, 2)) if model.config.layout == "NCHW" else (2, (0, 1))
 
 
-def single_input(model, request, limits) -> np.ndarray:
+def single_input(model, request, limits, budget=None) -> np.ndarray:
     if not request.HasField("image"):
         raise InvalidArgument("image", "required")
-    return to_model_input(request.image, model.config, "image", limits.max_image_pixels)
+    return to_model_input(request.image, model.config, "image", limits.max_image_pixels, budget=budget)
+
+
+def sample_bytes(model) -> int:
+    """Bytes of one float32 model-input sample."""
+    return 4 * model.config.channels * model.config.height * model.config.width
+
+
+def tensor_bytes(layer, images: int = 1) -> int:
+    """Bytes of ``layer``'s float32 values for ``images`` images (unknown dimensions count as 1)."""
+    count = images
+    for size in layer.shape[1:]:
+        count *= max(int(size), 1)
+    return 4 * count
 
 
 def resolve_target(model, backend, request, sample) -> int:
@@ -91,3 +158,16 @@ def channel_axis(layer, field: str) -> int:
         raise InvalidArgument(field, f"{layer.name!r}: which axis holds the channels is not known; "
                               f"{_layout_reason(layer)}")
     return axis
+
+
+def stream_within(context, work, started: float, limits, emits: bool = False):
+    """``streaming.stream_job`` with the wall-time limit counted from ``started`` (the request's start, after
+    any model conversion), so preparation counts against --max-job-seconds too."""
+    left = seconds_left(started, limits)
+    try:
+        yield from stream_job(context, work, left, emits=emits)
+    except ResourceExhausted as error:
+        if not str(error).startswith("the job ran past the server's limit"):
+            raise
+        raise ResourceExhausted(f"the job ran past the server's limit of {limits.max_job_seconds:g} s and was "
+                                "stopped") from None

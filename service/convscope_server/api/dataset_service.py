@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from convscope.v1 import dataset_pb2, dataset_pb2_grpc, tensor_pb2
@@ -15,9 +17,9 @@ from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.neighbors import neighbor_grid, nearest, thumbnail
 from convscope_server.galleries import GalleryStore
 from convscope_server.onnx.graph import classifier_input
-from convscope_server.api.common import channel_axis, positive, single_input
+from convscope_server.api.common import stream_within, channel_axis, check_finite, finite, non_negative, positive, seconds_left, single_input
+from convscope_server.memory import Budget
 from convscope_server.api.model_service import require_model
-from convscope_server.api.streaming import stream_job
 from convscope_server.tensors import to_tensor
 
 
@@ -105,6 +107,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
 
     # -- maximally-activating patches -----------------------------------------------------------------
     def TopPatches(self, requests, context):
+        started = time.monotonic()
         spec = first_spec(requests, "TopPatches")
         model = require_model(self.repository, spec.model, "spec.model")
         if not spec.layer:
@@ -119,7 +122,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
         k = positive(spec.k, 9, "spec.k")
         if k > self.limits.max_top_k:
             raise ResourceExhausted(f"spec.k: {k} is over the server's limit of {self.limits.max_top_k} (--max-top-k)")
-        render_channels = positive(spec.render_channels, 16, "spec.render_channels")
+        render_channels = positive(spec.render_channels, 16, "spec.render_channels", 1024)
         tile = positive(spec.tile_size, 64, "spec.tile_size")
         if tile > 512:
             raise InvalidArgument("spec.tile_size", f"{tile} is over 512 pixels")
@@ -166,7 +169,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             return self._patch_result(spec, model, layer, table, kept, spatial, grid_width,
                                       max(done, failures["end"]), failures["count"], render_channels, tile)
 
-        yield from scan_events(dataset_pb2.TopPatchesEvent, stream_job(context, work, self.limits.max_job_seconds,
+        yield from scan_events(dataset_pb2.TopPatchesEvent, stream_within(context, work, started, self.limits,
                                                                        emits=True), lambda result: result)
 
     def _patch_result(self, spec, model, layer, table, kept, spatial, grid_width, scanned, skipped,
@@ -208,6 +211,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
 
     # -- galleries ----------------------------------------------------------------------------------------
     def BuildGallery(self, requests, context):
+        started = time.monotonic()
         spec = first_spec(requests, "BuildGallery")
         model = require_model(self.repository, spec.model, "spec.model")
         name = spec.layer or classifier_input(model.proto, model.config.logits_output)
@@ -222,6 +226,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
         if side > 256:
             raise InvalidArgument("spec.thumbnail_size", f"{side} is over 256 pixels")
         source = ScanSource(spec.source, requests, model, self.data_root, self.limits)
+        seconds_left(started, self.limits)  # before taking the gallery name
         self.galleries.begin(spec.name, spec.overwrite)
         backend = OrtBackend(model)
         outputs = [layer.name, model.config.logits_output]
@@ -256,8 +261,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                         writer.discard()
                     self.galleries.release(spec.name)
 
-        yield from scan_events(dataset_pb2.BuildGalleryEvent, stream_job(context, work, self.limits.max_job_seconds,
-                                                                         emits=True), lambda g: self._info(g.name))
+        yield from scan_events(dataset_pb2.BuildGalleryEvent, stream_within(context, work, started, self.limits, emits=True),
+                               lambda g: self._info(g.name))
 
     def _info(self, name: str) -> dataset_pb2.GalleryInfo:
         gallery, error = self.galleries.status(name)
@@ -303,7 +308,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
         metric = {dataset_pb2.METRIC_L2: "l2", dataset_pb2.METRIC_COSINE: "cosine"}.get(request.metric)
         if metric is None:
             raise InvalidArgument("metric", f"unknown metric {request.metric}")
-        sample = single_input(model, request, self.limits)
+        sample = single_input(model, request, self.limits, Budget())
         layer, logits = gallery.header["layer"], model.config.logits_output
         values = OrtBackend(model).tensors(sample[None], [layer, logits])
         side = gallery.header["thumbnail_size"]
@@ -327,12 +332,13 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
 
     # -- embeddings ---------------------------------------------------------------------------------------
     def Embed(self, request, context):
+        started = time.monotonic()
         gallery = self.galleries.get(request.gallery)
         method = {dataset_pb2.EMBED_TSNE: "tsne", dataset_pb2.EMBED_PCA: "pca"}.get(request.method)
         if method is None:
             raise InvalidArgument("method", f"unknown method {request.method}")
-        if request.max_points < 0:
-            raise InvalidArgument("max_points", f"must be >= 0, got {request.max_points}")
+        non_negative(request.max_points, "max_points")
+        seed = non_negative(request.seed, "seed")
         count = min(gallery.size, request.max_points) if request.max_points else gallery.size
         if count > self.limits.max_embed_points:
             raise ResourceExhausted(f"gallery: {count} points is over the server's limit of "
@@ -345,13 +351,11 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             raise ResourceExhausted(f"iterations: {iterations} is over the server's limit of {self.limits.max_steps}")
         if iterations < 50:
             raise InvalidArgument("iterations", f"{iterations} is too few; give 50 or more")
-        if request.perplexity < 0:
-            raise InvalidArgument("perplexity", f"must be positive, got {request.perplexity}")
-        perplexity = min(request.perplexity or 30.0, (count - 1) / 3)
+        perplexity = min(finite(request.perplexity, "perplexity", 1.0, 10_000.0, default=30.0), (count - 1) / 3)
         grid = positive(request.grid_size, 20, "grid_size")
         if not 2 <= grid <= 48:
             raise InvalidArgument("grid_size", f"{grid} cells per side; give 2 to 48")
-        rng = np.random.default_rng(request.seed)
+        rng = np.random.default_rng(seed)
         indices = (np.sort(rng.choice(gallery.size, count, replace=False)) if count < gallery.size
                    else np.arange(gallery.size))
         model, _ = self.repository.status(gallery.header["model"])
@@ -366,15 +370,21 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                                              predicted=[gallery.predicted[i] for i in indices],
                                              labels=[gallery.labels[i] for i in indices])
             if method == "pca":
-                coordinates, ratio = embed.pca(codes, request.seed)
+                coordinates, ratio = embed.pca(codes, seed)
+                ratio = np.nan_to_num(ratio, nan=0.0)  # codes without any variance: 0 / 0
                 to_tensor(ratio.astype(np.float32), out=result.explained_variance_ratio)
             else:
                 try:
                     coordinates, result.kl_divergence = embed.tsne(
-                        codes, perplexity, iterations, request.seed,
+                        codes, perplexity, iterations, seed,
                         lambda step, total, kl: progress(step, total, "t-SNE", kl), should_stop)
                 except embed.Stopped:
                     return None
+                except (ValueError, FloatingPointError, ZeroDivisionError) as error:
+                    raise InvalidArgument("perplexity", f"t-SNE failed on these codes with perplexity {perplexity:g}: "
+                                          f"{error}") from None
+            check_finite([coordinates, result.kl_divergence], "gallery",
+                         "the gallery's codes hold NaN or infinite values, or have no spread")
             to_tensor(coordinates, out=result.coordinates)
             if request.render:
                 classes = list(result.predicted)
@@ -388,7 +398,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                 result.grid_png = render.png(embed.image_grid(thumbs, cells, grid))
             return result
 
-        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
+        for kind, value in stream_within(context, work, started, self.limits):
             if kind == "progress":
                 yield dataset_pb2.EmbedEvent(progress=tensor_pb2.Progress(step=value[0], total=value[1],
                                                                          stage=value[2], loss=value[3]))

@@ -8,15 +8,19 @@ naming the layer.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from convscope.v1 import inspect_pb2, inspect_pb2_grpc, tensor_pb2
 from convscope_server import render
-from convscope_server.api.common import (channel_axis, check_passes, input_axes, optional_size, positive,
-                                         resolve_target, single_input, spatial_layer)
+from convscope_server.api.common import (stream_within, channel_axis, check_finite, check_passes, finite, input_axes,
+                                         optional_size, positive, resolve_target, single_input,
+                                         spatial_layer, tensor_bytes, unique_layers)
 from convscope_server.api.model_service import model_inputs, require_model
-from convscope_server.api.streaming import stream_job
-from convscope_server.errors import InvalidArgument
+from convscope_server.errors import InvalidArgument, ResourceExhausted
+from convscope_server.images import MAX_INPUT_MAGNITUDE
+from convscope_server.memory import Budget, release
 from convscope_server.forward import activations as acts
 from convscope_server.forward import filters as filt
 from convscope_server.forward.backend import OrtBackend
@@ -61,14 +65,30 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         model = require_model(self.repository, request.model)
         if not request.layers:
             raise InvalidArgument("layers", "name at least one tensor (see DescribeModel)")
-        layers = [model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
+        layers = unique_layers(model, request.layers)
         max_channels = positive(request.max_channels, 64, "max_channels")
         if request.render:  # a grid needs the channel axis; values and stats of other tensors are still given
             for i, layer in enumerate(layers):
                 if len(layer.shape) == 4:
                     channel_axis(layer, f"layers[{i}]")
-        batch = model_inputs(model, request.images, self.limits)
+        budget = Budget()
+        try:
+            return self._activations(request, model, layers, max_channels, budget)
+        finally:
+            release(budget.total)
+
+    def _activations(self, request, model, layers, max_channels, budget):
+        count = len(request.images)
+        size = sum(tensor_bytes(layer, count) for layer in layers)
+        budget.response(size, "layers", f"the values of {len(layers)} layers for {count} images",
+                        self.limits.max_message_bytes)
+        batch = model_inputs(model, request.images, self.limits, budget)
         values = self._backend(model).tensors(batch, [layer.name for layer in layers])
+        size = sum(value.nbytes for value in values.values())  # the actual shapes, dynamic axes included
+        if size > self.limits.max_message_bytes:
+            raise ResourceExhausted(f"layers: the values of {len(layers)} layers for {count} images are {size:,} "
+                                    f"bytes, over the message limit of {self.limits.max_message_bytes:,} bytes")
+        check_finite(list(values.values()), "images", "the activations overflow float32 for these inputs")
         response = inspect_pb2.ActivationsResponse(execution_provider=model.execution_provider)
         for layer in layers:
             value = values[layer.name]
@@ -87,15 +107,24 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
 
     def DeadFilters(self, request, context):
         model = require_model(self.repository, request.model)
-        if request.tolerance < 0:
-            raise InvalidArgument("tolerance", f"must be >= 0, got {request.tolerance}")
+        tolerance = finite(request.tolerance, "tolerance", 0.0)
         if request.layers:
-            layers = [model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
+            layers = unique_layers(model, request.layers)
         else:
             layers = [layer for layer in model.layers if layer.op_type == "Conv"]
         axes = [channel_axis(layer, f"layers[{i}]") for i, layer in enumerate(layers)]
-        batch = model_inputs(model, request.images, self.limits)
-        scan = acts.DeadFilterScan(request.tolerance)
+        budget = Budget()
+        try:
+            return self._dead_filters(request, model, layers, axes, tolerance, budget)
+        finally:
+            release(budget.total)
+
+    def _dead_filters(self, request, model, layers, axes, tolerance, budget):
+        run = min(len(request.images), model.run_batch)
+        budget.add(sum(tensor_bytes(layer, run) for layer in layers), "layers",
+                   f"the values of {len(layers)} layers for {run} images at a time")
+        batch = model_inputs(model, request.images, self.limits, budget)
+        scan = acts.DeadFilterScan(tolerance)
         backend = self._backend(model)
         names = [layer.name for layer in layers]
         for begin in range(0, len(batch), model.run_batch):
@@ -110,8 +139,11 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         return response
 
     def Occlusion(self, request, context):
+        started = time.monotonic()
         model = require_model(self.repository, request.model)
-        sample = single_input(model, request, self.limits)
+        if request.score not in (inspect_pb2.SCORE_PROBABILITY, inspect_pb2.SCORE_LOGIT):
+            raise InvalidArgument("score", f"unknown score {request.score}")
+        sample = single_input(model, request, self.limits, Budget())
         channel_axis, (h_axis, w_axis) = input_axes(model)
         height, width = sample.shape[h_axis], sample.shape[w_axis]
         window_h = optional_size(request, "window_h", 16)
@@ -129,12 +161,13 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
         if request.baseline == inspect_pb2.BASELINE_CHANNEL_MEAN:
             baseline = np.broadcast_to(sample.mean(axis=(h_axis, w_axis), keepdims=True), sample.shape)
         elif request.baseline == inspect_pb2.BASELINE_BLUR:
-            sigma = request.blur_sigma or 8.0
-            if sigma <= 0:
-                raise InvalidArgument("blur_sigma", f"must be positive, got {sigma}")
+            # the blur reflects at the edges: its radius (3 sigma) must stay inside the image
+            sigma = finite(request.blur_sigma, "blur_sigma", 0.0, max(1, min(height, width) - 1) / 3, default=8.0,
+                           open_low=True)
             baseline = gaussian_blur(sample, sigma, (h_axis, w_axis))
         elif request.baseline == inspect_pb2.BASELINE_CONSTANT:
-            baseline = np.full(sample.shape, request.constant, np.float32)
+            constant = finite(request.constant, "constant", -MAX_INPUT_MAGNITUDE, MAX_INPUT_MAGNITUDE)
+            baseline = np.full(sample.shape, constant, np.float32)
         else:
             raise InvalidArgument("baseline", f"unknown baseline {request.baseline}")
         backend = self._backend(model)
@@ -145,11 +178,13 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
             return occlusion(backend, sample, target, window, stride, baseline, (h_axis, w_axis), score,
                              model.run_batch, progress, should_stop)
 
-        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
+        for kind, value in stream_within(context, work, started, self.limits):
             if kind == "progress":
                 yield inspect_pb2.OcclusionEvent(progress=tensor_pb2.Progress(step=value[0], total=value[1],
                                                                                stage="occluding"))
             elif value is not None:
+                check_finite([value.probability, value.logit, value.attribution], "image",
+                             "the model's scores overflow float32 for this input or baseline")
                 result = inspect_pb2.OcclusionResult(
                     target=target, label=model.label(target), base_probability=value.base_probability,
                     base_logit=value.base_logit, probability=to_tensor(value.probability),
@@ -162,12 +197,15 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
                 yield inspect_pb2.OcclusionEvent(result=result)
 
     def ScoreCam(self, request, context):
+        started = time.monotonic()
         model = require_model(self.repository, request.model)
-        sample = single_input(model, request, self.limits)
+        sample = single_input(model, request, self.limits, Budget())
         if not request.layer:
             raise InvalidArgument("layer", "required: name a spatial tensor (see DescribeModel)")
         layer = spatial_layer(model, request.layer, "layer", "Score-CAM needs a conv feature map")
         batch_size = positive(request.batch_size, 16, "batch_size")
+        if batch_size > self.limits.max_batch:
+            raise ResourceExhausted(f"batch_size: {batch_size} is over the limit of {self.limits.max_batch}")
         backend = self._backend(model)
         target = resolve_target(model, backend, request, sample)
         activation = acts.channels_first(backend.tensors(sample[None], [layer.name])[layer.name], layer.layout)[0]
@@ -178,15 +216,17 @@ class InspectService(inspect_pb2_grpc.InspectServiceServicer):
             return score_cam(backend, sample, target, activation, channel_axis, spatial_axes, batch_size,
                              progress, should_stop)
 
-        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
+        for kind, value in stream_within(context, work, started, self.limits):
             if kind == "progress":
                 yield inspect_pb2.ScoreCamEvent(progress=tensor_pb2.Progress(step=value[0], total=value[1],
                                                                               stage="masking"))
             elif value is not None:
+                check_finite([value.cam, value.channel_weights], "image",
+                             "the model's scores overflow float32 for this input")
                 result = inspect_pb2.ScoreCamResult(target=target, label=model.label(target), layer=layer.name,
                                                     cam=to_tensor(value.cam),
                                                     channel_weights=to_tensor(value.channel_weights),
-                                                    forward_passes=activation.shape[0] + 2)
+                                                    forward_passes=value.passes + 2)
                 if request.render:
                     result.heatmap_png = render.png(render.colormap(value.cam))
                     result.overlay_png = render.png(render.overlay(render.display_image(sample, model.config),

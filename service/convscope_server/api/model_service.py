@@ -9,6 +9,7 @@ from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.forward.backend import softmax
 from convscope_server.gradient.bridge import PROBE_TOLERANCE
 from convscope_server.images import to_model_input
+from convscope_server.memory import Budget, release
 from convscope_server.onnx.graph import tensor_types
 from convscope_server.repository import LoadedModel, ModelRepository
 
@@ -19,13 +20,18 @@ def require_model(repository: ModelRepository, name: str, field: str = "model") 
     return repository.get(name, field)
 
 
-def model_inputs(model: LoadedModel, images, limits) -> np.ndarray:
-    """Every Image of a request as one (N, ...) float32 batch for the model."""
+def model_inputs(model: LoadedModel, images, limits, budget: Budget | None = None) -> np.ndarray:
+    """Every Image of a request as one (N, ...) float32 batch for the model; ``budget`` is charged with the
+    batch and each decode before it happens."""
     if not images:
         raise InvalidArgument("images", "at least one image is required")
     if len(images) > limits.max_batch:
         raise ResourceExhausted(f"images: {len(images)} images is over the limit of {limits.max_batch} per request")
-    return np.stack([to_model_input(image, model.config, f"images[{i}]", limits.max_image_pixels)
+    budget = budget if budget is not None else Budget()
+    config = model.config
+    budget.add(2 * len(images) * 4 * config.channels * config.height * config.width, "images",
+               f"{len(images)} model inputs")  # the samples and their stacked batch
+    return np.stack([to_model_input(image, config, f"images[{i}]", limits.max_image_pixels, budget=budget)
                      for i, image in enumerate(images)])
 
 
@@ -100,10 +106,16 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             raise InvalidArgument("top_k", f"must be positive, got {top_k}")
         if model.num_classes and top_k > model.num_classes:
             raise InvalidArgument("top_k", f"{top_k} is more than the model's {model.num_classes} classes")
-        batch = model_inputs(model, request.images, self.limits)
-        (scores,) = model.run(batch, [model.config.logits_output])
+        budget = Budget()
+        try:
+            batch = model_inputs(model, request.images, self.limits, budget)
+            (scores,) = model.run(batch, [model.config.logits_output])
+        finally:
+            release(budget.total)
         scores = scores.reshape(len(batch), -1).astype(np.float32)
         probabilities = softmax(scores) if model.config.softmax else scores
+        if not (np.isfinite(scores).all() and np.isfinite(probabilities).all()):
+            raise InvalidArgument("images", "the model's scores are not finite (NaN or infinity) for these inputs")
         results = []
         for logits, probs in zip(scores, probabilities):
             order = np.argsort(-probs, kind="stable")[:top_k]

@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
 from convscope.v1 import model_pb2, synthesis_pb2, synthesis_pb2_grpc, tensor_pb2
 from convscope_server import render
-from convscope_server.api.common import neuron_position, positive, single_input, spatial_layer
+from convscope_server.api.common import (stream_within, finite, neuron_position, non_negative, positive, single_input,
+                                         spatial_layer)
 from convscope_server.api.model_service import model_inputs, require_model
-from convscope_server.api.streaming import stream_job
 from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.forward.backend import OrtBackend, softmax
 from convscope_server.gradient import adversarial
 from convscope_server.gradient.synthesis import deepdream, inversion, optimize, style
 from convscope_server.gradient.synthesis.common import InputSpace, Objective
 from convscope_server.images import to_model_input
+from convscope_server.memory import Budget
 from convscope_server.tensors import to_tensor
 
 DEFAULT_EPSILONS = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
+MAX_LEARNING_RATE = 1e3
+MAX_WEIGHT = 1e12          # loss weights and penalties (style, content, TV, L2)
+MAX_JITTER = 1024          # pixels
+
+
+def blur_limit(height: int, width: int) -> float:
+    """The largest blur sigma for an image of this size: the blur reflects at the edges, so its radius
+    (3 sigma) must stay inside the image."""
+    return max(1, min(height, width) - 1) / 3
 
 
 class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
@@ -38,18 +49,17 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         steps = positive(options.steps, steps, "optimization.steps")
         if steps > self.limits.max_steps:
             raise ResourceExhausted(f"optimization.steps: {steps} is over the limit of {self.limits.max_steps}")
-        if options.learning_rate < 0:
-            raise InvalidArgument("optimization.learning_rate", f"must be positive, got {options.learning_rate}")
-        if options.preview_every < 0:
-            raise InvalidArgument("optimization.preview_every", f"must be >= 0, got {options.preview_every}")
-        return steps, options.learning_rate or lr, options.seed
+        lr = finite(options.learning_rate, "optimization.learning_rate", 0.0, MAX_LEARNING_RATE, default=lr,
+                    open_low=True) if lr else 0.0
+        non_negative(options.preview_every, "optimization.preview_every")
+        return steps, lr, options.seed
 
     def _size(self, height: int, width: int, field: str) -> None:
         if height * width > self.limits.max_synthesis_pixels:
             raise ResourceExhausted(f"{field}: {height}x{width} is over the limit of "
                                     f"{self.limits.max_synthesis_pixels} pixels")
 
-    def _stream(self, context, torch_model, work, space, options):
+    def _stream(self, context, torch_model, work, space, options, started):
         """Run ``work(reporter_factory, should_stop)`` in ``torch_model``'s scope and yield SynthesisEvents."""
         frames: list[bytes] = []
 
@@ -66,7 +76,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
             with torch_model.scope():
                 return work(reporter, should_stop)
 
-        for kind, value in stream_job(context, run, self.limits.max_job_seconds):
+        for kind, value in stream_within(context, run, started, self.limits):
             if kind == "progress":
                 step, total, stage, loss, image = value
                 yield synthesis_pb2.SynthesisEvent(progress=tensor_pb2.Progress(
@@ -78,20 +88,25 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
 
     @staticmethod
     def _image(space, x, losses, layer: str = "") -> synthesis_pb2.SynthesisImage:
+        sample = space.to_sample(x)
+        if not (np.isfinite(sample).all() and np.isfinite(np.asarray(losses, np.float64)).all()):
+            raise InvalidArgument("optimization.learning_rate", "the optimisation diverged (NaN or infinite values); "
+                                  "lower the learning rate or the loss weights")
         image = synthesis_pb2.SynthesisImage(layer=layer, png=render.png(space.pixels(x)), losses=losses)
-        to_tensor(space.to_sample(x), out=image.image)
+        to_tensor(sample, out=image.image)
         return image
 
     # -- techniques -----------------------------------------------------------------------------------
     def Visualize(self, request, context):
         model, torch_model, space = self._setup(request)
+        started = time.monotonic()  # after the model's conversion (once per server)
         steps, lr, seed = self._options(request.optimization, 200, 0.05)
         objective = Objective()
         if request.layer:
             layer = spatial_layer(model, request.layer, "layer")
             channel_axis = 3 if layer.layout == "NHWC" else 1
             channels = layer.shape[channel_axis]
-            if channels > 0 and not 0 <= request.channel < channels:
+            if request.channel < 0 or (channels > 0 and request.channel >= channels):
                 raise InvalidArgument("channel", f"{request.channel} is outside {layer.name!r}'s channels "
                                       f"0..{channels - 1}")
             position = neuron_position(request, layer)
@@ -104,16 +119,16 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                 raise InvalidArgument("target", f"{request.target} is outside the model's classes "
                                       f"0..{model.num_classes - 1}")
             objective = Objective(target=int(request.target))
-        for field in ("clip_norm_percentile", "clip_contribution_percentile"):
-            if not 0 <= getattr(request, field) < 100:
-                raise InvalidArgument(field, f"must be in [0, 100), got {getattr(request, field)}")
-        if request.blur_every < 0 or request.jitter < 0:
-            raise InvalidArgument("blur_every" if request.blur_every < 0 else "jitter", "must be >= 0")
-        reg = optimize.Regularizers(l2=request.l2, decay=request.decay, blur_every=request.blur_every,
-                                    blur_sigma=request.blur_sigma or 0.5, jitter=request.jitter,
-                                    clip_norm_percentile=request.clip_norm_percentile,
-                                    clip_contribution_percentile=request.clip_contribution_percentile)
+        percentiles = [finite(getattr(request, field), field, 0.0, 99.99)
+                       for field in ("clip_norm_percentile", "clip_contribution_percentile")]
         height, width = model.config.height, model.config.width
+        reg = optimize.Regularizers(
+            l2=finite(request.l2, "l2", 0.0, MAX_WEIGHT), decay=finite(request.decay, "decay", 0.0, 1.0),
+            blur_every=non_negative(request.blur_every, "blur_every"),
+            blur_sigma=finite(request.blur_sigma, "blur_sigma", 0.0, blur_limit(height, width), default=0.5,
+                              open_low=True),
+            jitter=positive(request.jitter, 0, "jitter", MAX_JITTER), clip_norm_percentile=percentiles[0],
+            clip_contribution_percentile=percentiles[1])
 
         def work(reporter, should_stop):
             import torch
@@ -125,18 +140,17 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                                    reporter(steps, "ascending"), should_stop)
             return None if done is None else synthesis_pb2.SynthesisResult(images=[self._image(space, *done)])
 
-        yield from self._stream(context, torch_model, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization, started)
 
     def Invert(self, request, context):
         model, torch_model, space = self._setup(request)
+        started = time.monotonic()  # after the model's conversion (once per server)
         steps, lr, seed = self._options(request.optimization, 200, 0.05)
         if not request.layers:
             raise InvalidArgument("layers", "name at least one layer to invert")
         layers = [model.layer(name, f"layers[{i}]") for i, name in enumerate(request.layers)]
-        if request.tv_weight < 0:
-            raise InvalidArgument("tv_weight", f"must be >= 0, got {request.tv_weight}")
-        tv = request.tv_weight or 0.05
-        x0 = space.from_sample(single_input(model, request, self.limits))
+        tv = finite(request.tv_weight, "tv_weight", 0.0, MAX_WEIGHT, default=0.05)
+        x0 = space.from_sample(single_input(model, request, self.limits, Budget()))
 
         def work(reporter, should_stop):
             images = []
@@ -148,10 +162,11 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                 images.append(self._image(space, *done, layer=layer.name))
             return synthesis_pb2.SynthesisResult(images=images)
 
-        yield from self._stream(context, torch_model, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization, started)
 
     def DeepDream(self, request, context):
         model, torch_model, space = self._setup(request)
+        started = time.monotonic()  # after the model's conversion (once per server)
         steps, lr, seed = self._options(request.optimization, 10, 0.02)
         layer = spatial_layer(model, request.layer, "layer") if request.layer else None
         if layer is None:
@@ -159,24 +174,29 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         octaves = positive(request.octaves, 3, "octaves")
         if octaves > 8:
             raise InvalidArgument("octaves", f"{octaves} is more than 8")
-        scale = request.octave_scale or 1.4
-        if not 1 < scale <= 4:
-            raise InvalidArgument("octave_scale", f"must be in (1, 4], got {scale}")
+        scale = finite(request.octave_scale, "octave_scale", 1.0, 4.0, default=1.4, open_low=True)
         if steps * octaves > self.limits.max_steps:
             raise ResourceExhausted(f"optimization.steps: {steps} x {octaves} octaves is over the limit of "
                                     f"{self.limits.max_steps}")
-        jitter = positive(request.jitter, 8, "jitter")
-        x0 = space.from_sample(single_input(model, request, self.limits))
+        jitter = positive(request.jitter, 8, "jitter", MAX_JITTER)
+        x0 = space.from_sample(single_input(model, request, self.limits, Budget()))
+        smallest = [max(8, round(side / scale ** (octaves - 1))) for side in (model.config.height, model.config.width)]
 
         def work(reporter, should_stop):
-            done = deepdream.deepdream(torch_model, space, x0, layer.name, octaves, scale, steps, lr, jitter, seed,
-                                       reporter(steps * octaves, "dreaming"), should_stop)
+            try:
+                done = deepdream.deepdream(torch_model, space, x0, layer.name, octaves, scale, steps, lr, jitter,
+                                           seed, reporter(steps * octaves, "dreaming"), should_stop)
+            except RuntimeError as error:
+                raise InvalidArgument("octaves", f"the model cannot run at the smallest octave's size "
+                                      f"{smallest[0]}x{smallest[1]} ({octaves} octaves, scale {scale:g}): {error}; "
+                                      "use fewer octaves or a smaller octave_scale") from None
             return None if done is None else synthesis_pb2.SynthesisResult(images=[self._image(space, *done)])
 
-        yield from self._stream(context, torch_model, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization, started)
 
     def Style(self, request, context):
         model, torch_model, space = self._setup(request)
+        started = time.monotonic()  # after the model's conversion (once per server)
         adam = request.optimizer in ("", "adam")
         if not adam and request.optimizer != "lbfgs":
             raise InvalidArgument("optimizer", f"must be 'adam' or 'lbfgs', got {request.optimizer!r}")
@@ -197,53 +217,47 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         width = request.width or model.config.width
         self._size(height, width, "height")
         config = dataclasses.replace(model.config, height=height, width=width)
-        for field, value in (("style_weight", request.style_weight), ("content_weight", request.content_weight),
-                             ("tv_weight", request.tv_weight)):
-            if value < 0:
-                raise InvalidArgument(field, f"must be >= 0, got {value}")
-        pixels = self.limits.max_image_pixels
-        style_x = space.from_sample(to_model_input(request.style, config, "style", pixels))
-        content_x = (space.from_sample(to_model_input(request.content, config, "content", pixels))
+        style_weight = finite(request.style_weight, "style_weight", 0.0, MAX_WEIGHT, default=1e6)
+        content_weight = finite(request.content_weight, "content_weight", 0.0, MAX_WEIGHT, default=1.0)
+        tv_weight = finite(request.tv_weight, "tv_weight", 0.0, MAX_WEIGHT, default=1e-3)
+        pixels, budget = self.limits.max_image_pixels, Budget()
+        style_x = space.from_sample(to_model_input(request.style, config, "style", pixels, budget=budget))
+        content_x = (space.from_sample(to_model_input(request.content, config, "content", pixels, budget=budget))
                      if request.HasField("content") else None)
 
         def work(reporter, should_stop):
             start = content_x if content_x is not None else space.random(height, width, seed, 0.2)
             try:
                 done = style.stylize(torch_model, space, style_x, content_x, style_layers, content_layer, steps, lr,
-                                     request.style_weight or 1e6, request.content_weight or 1.0,
-                                     request.tv_weight or 1e-3, "adam" if adam else "lbfgs", start,
+                                     style_weight, content_weight, tv_weight, "adam" if adam else "lbfgs", start,
                                      reporter(steps, "styling"), should_stop)
             except RuntimeError as error:
                 raise InvalidArgument("height", f"the model cannot run at {height}x{width}: {error}") from None
             return None if done is None else synthesis_pb2.SynthesisResult(images=[self._image(space, *done)])
 
-        yield from self._stream(context, torch_model, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization, started)
 
     def Adversarial(self, request, context):
         import torch
 
         model, torch_model, space = self._setup(request)
-        sample = single_input(model, request, self.limits)
+        started = time.monotonic()  # after the model's conversion (once per server)
+        sample = single_input(model, request, self.limits, Budget())
         backend = OrtBackend(model)
         x = space.from_sample(sample)
         before = backend.logits(sample[None])[0]
         targeted = request.method == synthesis_pb2.ADVERSARIAL_TARGETED
         if request.method not in (synthesis_pb2.ADVERSARIAL_FGSM, synthesis_pb2.ADVERSARIAL_TARGETED):
             raise InvalidArgument("method", f"unknown method {request.method}")
-        epsilon = request.epsilon or (16 / 255 if targeted else 2 / 255)
-        if not 0 < epsilon <= 1:
-            raise InvalidArgument("epsilon", f"must be in (0, 1] pixel units, got {request.epsilon}")
+        epsilon = finite(request.epsilon, "epsilon", 0.0, 1.0, default=16 / 255 if targeted else 2 / 255,
+                         open_low=True)
         field, cls = ("target", request.target) if targeted else ("label", request.label if request.HasField(
             "label") else int(np.argmax(before)))
         if not 0 <= cls < model.num_classes:
             raise InvalidArgument(field, f"{cls} is outside the model's classes 0..{model.num_classes - 1}")
         steps, _, _ = self._options(request.optimization, 100, 0.0)
-        step_size = request.step_size or 1 / 255
-        if not 0 < step_size <= 1:
-            raise InvalidArgument("step_size", f"must be in (0, 1] pixel units, got {request.step_size}")
-        stop = request.stop_probability or 0.9
-        if not 0 < stop <= 1:
-            raise InvalidArgument("stop_probability", f"must be in (0, 1], got {request.stop_probability}")
+        step_size = finite(request.step_size, "step_size", 0.0, 1.0, default=1 / 255, open_low=True)
+        stop = finite(request.stop_probability, "stop_probability", 0.0, 1.0, default=0.9, open_low=True)
 
         def scores(logits):
             probabilities = softmax(logits)
@@ -276,16 +290,18 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                                                  ((shown[..., 0] / (2 * top) + 0.5) * 255).astype(np.uint8))
             return result
 
-        yield from self._stream(context, torch_model, work, space, request.optimization)
+        yield from self._stream(context, torch_model, work, space, request.optimization, started)
 
     def Robustness(self, request, context):
         import torch
 
         model, torch_model, space = self._setup(request)
+        started = time.monotonic()  # after the model's conversion (once per server)
+        epsilons = ([finite(e, f"epsilons[{i}]", 0.0, 1.0) for i, e in enumerate(request.epsilons)]
+                    or list(DEFAULT_EPSILONS))
+        if len(epsilons) > 64:
+            raise InvalidArgument("epsilons", f"{len(epsilons)} values; give at most 64")
         batch = model_inputs(model, request.images, self.limits)
-        epsilons = list(request.epsilons) or list(DEFAULT_EPSILONS)
-        if any(not 0 <= e <= 1 for e in epsilons):
-            raise InvalidArgument("epsilons", "each must be in [0, 1] pixel units")
         if request.labels and len(request.labels) != len(batch):
             raise InvalidArgument("labels", f"{len(request.labels)} labels for {len(batch)} images")
         labels = (np.asarray(request.labels) if request.labels else
@@ -305,7 +321,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                 return adversarial.robustness_curve(torch_model, space, xs, ys, epsilons, chunk, progress,
                                                     should_stop)
 
-        for kind, value in stream_job(context, work, self.limits.max_job_seconds):
+        for kind, value in stream_within(context, work, started, self.limits):
             if kind == "progress":
                 yield synthesis_pb2.RobustnessEvent(progress=tensor_pb2.Progress(
                     step=value[0], total=value[1], stage=value[2]))

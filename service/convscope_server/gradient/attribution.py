@@ -30,11 +30,23 @@ def vanilla(torch_model, sample: np.ndarray, target: int) -> np.ndarray:
     return input_gradients(torch_model, sample[None], target, 1)[0]
 
 
-def smoothgrad(torch_model, sample: np.ndarray, target: int, noise: np.ndarray, chunk: int,
+def smoothgrad(torch_model, sample: np.ndarray, target: int, samples: int, sigma: float, seed: int, chunk: int,
                should_stop=None, progress=None) -> np.ndarray | None:
-    """Mean gradient over ``sample + noise[i]``; ``noise`` is (samples, ...) drawn by the caller."""
-    grads = input_gradients(torch_model, sample[None] + noise, target, chunk, should_stop, progress)
-    return None if grads is None else grads.mean(axis=0)
+    """Mean gradient over ``samples`` copies of ``sample`` plus Gaussian noise (std ``sigma``). The noise is
+    drawn ``chunk`` copies at a time from one generator seeded with ``seed``: the same values as one
+    ``default_rng(seed).normal(0, sigma, (samples, ...))`` draw, without holding them all."""
+    rng = np.random.default_rng(seed)
+    total = np.zeros(sample.shape, np.float64)
+    for begin in range(0, samples, chunk):
+        count = min(chunk, samples - begin)
+        noisy = sample[None] + rng.normal(0, sigma, (count, *sample.shape)).astype(np.float32)
+        grads = input_gradients(torch_model, noisy, target, chunk, should_stop)
+        if grads is None:
+            return None
+        total += grads.sum(axis=0, dtype=np.float64)
+        if progress is not None:
+            progress(begin + count, samples)
+    return (total / samples).astype(np.float32)
 
 
 def integrated_gradients(torch_model, sample: np.ndarray, target: int, baseline: np.ndarray, steps: int,
