@@ -249,3 +249,27 @@ def test_backprop_of_one_neuron_and_on_nhwc(client, rule):
     close(method("tiny_nhwc", x_nhwc, target=5).attribution, method("tiny", X, target=5).attribution.transpose(1, 2, 0))
     with pytest.raises(InvalidArgument, match="row: 8 is outside '/conv3/Conv_output_0''s 0..7"):
         method("tiny", X, layer="/conv3/Conv_output_0", neuron=(8, 0))
+
+
+def test_concurrent_gradient_requests_do_not_see_each_others_hooks(client):
+    """One converted module serves every request: guided backprop's rules and Grad-CAM's captures are
+    confined to their own request, so vanilla saliency running beside them is unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    references = {
+        "vanilla": client.saliency("tiny", X, target=3).attribution,
+        "guided": client.guided_backprop("tiny", X, target=3).attribution,
+        "deconvnet": client.deconvnet("tiny", X, target=3).attribution,
+        "gradcam": client.cam("tiny", X, target=3, layer="/conv3/Conv_output_0").map,
+    }
+    calls = {
+        "vanilla": lambda: client.saliency("tiny", X, target=3).attribution,
+        "guided": lambda: client.guided_backprop("tiny", X, target=3).attribution,
+        "deconvnet": lambda: client.deconvnet("tiny", X, target=3).attribution,
+        "gradcam": lambda: client.cam("tiny", X, target=3, layer="/conv3/Conv_output_0").map,
+    }
+    order = [name for _ in range(12) for name in calls]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda name: (name, calls[name]()), order))
+    for name, value in results:
+        np.testing.assert_allclose(value, references[name], rtol=1e-5, atol=1e-7, err_msg=name)

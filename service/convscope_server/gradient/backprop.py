@@ -5,62 +5,86 @@ of a class score or of one neuron/channel with the backward pass through every R
   ``relu(grad_in)`` with ``grad_in`` the op's own masked gradient;
 - DeconvNet: pass back positive gradients regardless of the forward input, ``relu(grad_out)``.
 
-The rules are applied to every ReLU and Clip (ReLU6 as exported) module of the converted graph through
-backward hooks; the forward pass is unchanged.
+The rules are applied to every ReLU and Clip (ReLU6 as exported) module of the converted graph, in the
+calling request's autograd graph only (see ``modified_relus``); the forward pass is unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
+
 
 def _bound(value):
     return None if value is None else float(value)
 
 
+def _rule_function():
+    """An autograd Function standing in for one op's output: forward returns the op's output, backward
+    sends ``backward(x, grad)`` straight to the op's input, so the op's own backward never runs."""
+    import torch
+
+    class Rewritten(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y, backward):
+            ctx.save_for_backward(x)
+            ctx.backward = backward
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return ctx.backward(x, grad), None, None
+
+    return Rewritten
+
+
 @contextlib.contextmanager
 def modified_relus(torch_model, rule: str):
     """Within the block, backward through ReLU and through Clip with lower bound 0 (ReLU6) follows
-    ``rule``. At a Clip only the rectification is replaced: the upper bound keeps its mask (x < max), as
-    ReLU followed by clamp(max) would under the same rule."""
+    ``rule``: guided backprop passes ``relu`` of the op's own gradient, DeconvNet ``relu`` of the incoming
+    gradient, at a Clip masked by its upper bound (x < max) as ReLU followed by clamp(max) would be.
+
+    The converted module is shared by concurrent requests, so nothing about it changes: a forward hook,
+    active only on the calling thread, replaces each rectifier's output in this request's graph by a
+    Function whose backward applies the rule (on any device, whichever thread runs the backward)."""
     import torch
     import torch.nn.functional as F
 
-    seen: dict = {}  # module -> (forward input, upper bound), for the rectifying Clips
+    owner = threading.get_ident()
+    rewritten = _rule_function()
 
-    def remember(module, inputs, output):
-        lower = _bound(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else _bound(module.min)
-        upper = _bound(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else _bound(module.max)
-        seen[module] = (inputs[0].detach(), upper) if lower == 0.0 else None
+    def hook(module, inputs, output):
+        if threading.get_ident() != owner or not torch.is_grad_enabled() or not inputs[0].requires_grad:
+            return None
+        upper = None
+        if isinstance(module, torch.nn.Hardtanh):
+            upper = float(module.max_val)
+        elif type(module).__name__ == "Clip":  # onnx2pytorch's: bounds as inputs or attributes
+            lower = _bound(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else _bound(module.min)
+            if lower != 0.0:
+                return None  # a clamp that does not rectify: its gradient is left alone
+            upper = _bound(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else _bound(module.max)
+        extra = inputs[1:]
 
-    def rewrite(module, grad_input, grad_output):
-        if isinstance(module, torch.nn.Hardtanh):  # a constant-bound Clip(0, max) after the bridge's swap
+        def backward(x, grad):
             if rule == "deconvnet":
-                x = seen[module]
-                return (F.relu(grad_output[0] * (x < module.max_val)),) + tuple(grad_input[1:])
-            return (F.relu(grad_input[0]),) + tuple(grad_input[1:])
-        if type(module).__name__ == "Clip":
-            state = seen.get(module)
-            if state is None:  # a clamp that does not rectify: leave its gradient alone
-                return None
-            x, upper = state
-            if rule == "deconvnet":
-                passed = grad_output[0] if upper is None else grad_output[0] * (x < upper)
-                return (F.relu(passed),) + tuple(grad_input[1:])
-        source = grad_output if rule == "deconvnet" else grad_input
-        return (F.relu(source[0]),) + tuple(grad_input[1:])  # only the data input's gradient changes
+                return F.relu(grad if upper is None else grad * (x < upper))
+            with torch.enable_grad():  # the op's own gradient, then only its positive part
+                again = x.detach().requires_grad_(True)
+                (own,) = torch.autograd.grad(module.forward(again, *extra), again, grad)
+            return F.relu(own)
+
+        return rewritten.apply(inputs[0], output, backward)
 
     handles = []
     for module in torch_model.module.modules():
         kind = type(module).__name__
         rectifying_hardtanh = isinstance(module, torch.nn.Hardtanh) and module.min_val == 0.0
-        if kind == "Clip":
-            handles.append(module.register_forward_hook(remember))
-        if rectifying_hardtanh:
-            handles.append(module.register_forward_hook(lambda m, i, o: seen.__setitem__(m, i[0].detach())))
         if kind in ("ReLU", "Clip") or rectifying_hardtanh:
-            handles.append(module.register_full_backward_hook(rewrite))
+            handles.append(module.register_forward_hook(hook))
     try:
         yield
     finally:

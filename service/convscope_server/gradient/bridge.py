@@ -136,6 +136,7 @@ class TorchModel:
         the tensor becomes the start of the graph, so backward stops there instead of reaching the input."""
         store: dict = {}
         handles = []
+        owner = threading.get_ident()  # the module is shared: other requests' forward passes run it meanwhile
         for name in names:
             found = self.producer(name)
             if found is None:
@@ -143,6 +144,8 @@ class TorchModel:
             module, index = found
 
             def hook(mod, inputs, output, name=name, index=index):
+                if threading.get_ident() != owner:
+                    return None
                 several = isinstance(output, (list, tuple))
                 value = output[index] if several else output
                 if keep_grad:
@@ -636,6 +639,14 @@ class TorchBridges:
             return "converting", "", None
         done = job.result()
         return ("unavailable", done, None) if isinstance(done, str) else ("ready", "", done)
+
+    def forget(self, name: str) -> None:
+        """Drop what is known of ``name`` (its file was replaced or removed): the next gradient request
+        converts the model as it is now. A conversion already running finishes for nobody."""
+        with self._lock:
+            job = self._jobs.pop(name, None)
+        if job is not None:
+            job.cancel()
 
     def shutdown(self) -> None:
         self._queue.shutdown(wait=False, cancel_futures=True)
