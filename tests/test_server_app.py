@@ -49,10 +49,10 @@ def test_reflection_lists_and_describes_the_services(server):
     assert responses[1].file_descriptor_response.file_descriptor_proto  # clients in any language can discover
 
 
-def _start_process(repository, *extra):
+def _start_process(repository, *extra, stderr=None):
     process = subprocess.Popen([str(BIN / "convscope-server"), "--port", "0", "--host", "127.0.0.1",
                                 "--repository", str(repository), "--log-level", "WARNING", *extra],
-                               stdout=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = process.stdout.readline()
     assert "listening on" in line, line
     return process, "127.0.0.1:" + line.split("listening on ")[1].split()[0].rsplit(":", 1)[1]
@@ -112,6 +112,108 @@ def test_sigterm_during_streamed_jobs_stops_them_and_exits_cleanly(repository, c
                 job.join(30)
         assert set(ended) == {"occlusion", "classvis"}
         assert stopped_after < 3 + 15, f"the server took {stopped_after:.1f} s to stop"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _reflection_garbage(address, opened):
+    """Two reflection streams left open: one sent garbage after a valid request, one sent a request and
+    then nothing. Returns when the server ends them."""
+    import threading
+
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    hold = threading.Event()
+
+    def requests(garbage):
+        yield reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+        if garbage:
+            yield b"\xff\xff\xff\xff\x0f"
+        opened.set()
+        hold.wait(120)
+
+    def one(garbage):
+        with grpc.insecure_channel(address) as channel:
+            call = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            try:
+                for _ in call(requests(garbage), timeout=120):
+                    pass
+            except grpc.RpcError:
+                pass
+
+    threads = [threading.Thread(target=one, args=(garbage,)) for garbage in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    hold.set()
+
+
+@pytest.mark.parametrize("case", ["deepdream", "deepdream-no-grace", "scan", "reflection"])
+def test_sigterm_exits_0_within_the_grace_period(repository, chelsea, tmp_path, case):
+    """SIGTERM while a torch job (DeepDream, many steps), a streamed dataset scan on onnxruntime, or
+    reflection streams holding garbage are open: the process exits 0 within grace + a few seconds and never
+    aborts from a thread still inside torch or onnxruntime ("terminate called without an active exception").
+    With a grace of 0 the job is still inside torch when the process exits."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from convscope import Client
+
+    # Jobs are stopped at SIGTERM, not after the grace period: with 20 s of grace they must end in far less.
+    grace = {"deepdream": 20, "deepdream-no-grace": 0, "scan": 20, "reflection": 3}[case]
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        process, address = _start_process(repository, "--grace-seconds", str(grace), "--gradient-warmup", "false",
+                                          "--max-steps", "200000", stderr=stderr)
+    started = threading.Event()
+    outcome = {}
+
+    def progress(*_):
+        started.set()
+
+    def images():
+        pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        for _ in range(100_000):
+            yield pixels
+
+    def run():
+        try:
+            with Client(address, timeout=120) as client:
+                if case.startswith("deepdream"):
+                    client.deepdream("tiny", chelsea, "/conv3/Conv_output_0", steps=100_000, octaves=1,
+                                     progress=progress)
+                elif case == "scan":
+                    client.top_patches("tiny", "/conv3/Conv_output_0", images(), k=4, progress=progress)
+                else:
+                    _reflection_garbage(address, started)
+        except Exception as error:  # the server going away ends the call with an error
+            outcome["error"] = error
+
+    job = threading.Thread(target=run)
+    try:
+        job.start()
+        waited = time.monotonic()
+        while not started.wait(0.2) and "error" not in outcome and time.monotonic() - waited < 120:
+            pass
+        assert started.is_set(), f"{case} never started: {outcome.get('error')}"
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        stopped_after = time.monotonic() - signalled
+        job.join(30)
+        errors = log.read_text()
+        assert code == 0, (code, errors)
+        assert "terminate called" not in errors and "Traceback" not in errors, errors
+        assert stopped_after < min(grace, 3) + 6, f"the server took {stopped_after:.1f} s to stop (grace {grace} s)"
+        assert not job.is_alive(), "the client call did not end"
+        if case in ("deepdream", "scan"):  # the job was stopped and the call ended UNAVAILABLE ("shutting
+            # down", or the transport's message when the process exited while the client was still sending)
+            assert getattr(outcome.get("error"), "code", None) == grpc.StatusCode.UNAVAILABLE, outcome
     finally:
         if process.poll() is None:
             process.kill()
@@ -213,3 +315,45 @@ def test_cli_synthesis_commands_write_pictures_gifs_and_a_page(server, tmp_path,
         assert pictures and all(p in page for p in pictures), name
         if name in ("classvis", "invert"):
             assert any(p.endswith(".gif") for p in pictures) and Image.open(next(out.glob("*.gif"))).n_frames > 1
+
+
+def test_sighup_reloads_the_model_repository(tmp_path):
+    """A folder added, one broken and one removed while the server runs: SIGHUP rescans the repository
+    without a restart, and the models list and per-model health follow."""
+    import shutil
+
+    import numpy as np
+
+    from convscope import Client
+    from tiny_models import TINY_CONFIG, export, tiny_net
+
+    root = tmp_path / "models"
+    for name in ("a", "b"):
+        export(tiny_net(), root / name / "model.onnx")
+        (root / name / "config.toml").write_text(TINY_CONFIG.replace('labels = "labels.txt"', ""))
+    process, address = _start_process(root, "--grace-seconds", "2", "--gradient-warmup", "false")
+    try:
+        with Client(address) as client:
+            assert {m.name: m.ready for m in client.models()} == {"a": True, "b": True}
+            shutil.copytree(root / "a", root / "c")
+            (root / "a" / "config.toml").write_text(TINY_CONFIG.replace('labels = "labels.txt"', "")
+                                                    + '\n[runtime]\nprecision = "half"\n')
+            shutil.rmtree(root / "b")
+            process.send_signal(signal.SIGHUP)
+            line = process.stdout.readline()
+            assert "reloaded models" in line, line
+            models = {m.name: m for m in client.models()}
+            assert sorted(models) == ["a", "c"] and models["c"].ready and not models["a"].ready
+            assert "precision" in models["a"].error
+            with grpc.insecure_channel(address) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                assert check(health_pb2.HealthCheckRequest(service="model/c"), timeout=10).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+                assert check(health_pb2.HealthCheckRequest(service="model/a"), timeout=10).status == \
+                    health_pb2.HealthCheckResponse.NOT_SERVING
+            assert len(client.predict("c", np.zeros((3, 32, 32), np.float32), top=3)) == 3
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
