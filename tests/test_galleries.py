@@ -436,3 +436,37 @@ def test_a_gallery_file_changed_on_disk_is_verified_again(repository, data_root,
             assert [g.name for g in c.galleries()] == ["b"]
     finally:
         running.stop(0)
+
+
+def test_a_build_refused_by_a_full_job_queue_frees_its_name(repository, data_root, tmp_path):
+    """BuildGallery takes its name before its job starts; a build the job gate refuses (one job at a time,
+    a short queue) must give the name back, so the same build succeeds once the server is free."""
+    running = start(repository, data_root=data_root, gallery_root=tmp_path / "galleries", max_concurrent_jobs=1,
+                    max_queued_jobs=1, queue_seconds=0.3)
+    release = threading.Event()
+
+    def held_images():
+        yield from random_images(2)
+        release.wait(30)  # the first build's job holds the only job slot until then
+
+    try:
+        with Client(running.address, timeout=60) as client:
+            first = threading.Thread(target=lambda: client.build_gallery("first", "tiny", held_images()))
+            first.start()
+            deadline = time.monotonic() + 15
+            while streaming_jobs() < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(ResourceExhausted, match="max-concurrent-jobs|max-queued-jobs|queue"):
+                client.build_gallery("second", "tiny", random_images(3))
+            release.set()
+            first.join(30)
+            assert client.build_gallery("second", "tiny", random_images(3)).size == 3
+    finally:
+        release.set()
+        running.stop(0)
+
+
+def streaming_jobs() -> int:
+    from convscope_server.api.streaming import running_jobs
+
+    return running_jobs()

@@ -227,11 +227,13 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             raise InvalidArgument("spec.thumbnail_size", f"{side} is over 256 pixels")
         source = ScanSource(spec.source, requests, model, self.data_root, self.limits)
         seconds_left(started, self.limits)  # before taking the gallery name
-        self.galleries.begin(spec.name, spec.overwrite)
         backend = OrtBackend(model)
         outputs = [layer.name, model.config.logits_output]
+        self.galleries.begin(spec.name, spec.overwrite)
+        ran = []  # the job frees the name itself once it has started
 
         def work(progress, should_stop, emit):
+            ran.append(True)
             writer, published = None, False
             try:
                 writer = self.galleries.writer(dim, side)
@@ -261,8 +263,13 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                         writer.discard()
                     self.galleries.release(spec.name)
 
-        yield from scan_events(dataset_pb2.BuildGalleryEvent, stream_within(context, work, started, self.limits, emits=True),
-                               lambda g: self._info(g.name))
+        try:
+            yield from scan_events(dataset_pb2.BuildGalleryEvent,
+                                   stream_within(context, work, started, self.limits, emits=True),
+                                   lambda g: self._info(g.name))
+        finally:
+            if not ran:  # refused before the job started (a full job queue, the time limit): free the name
+                self.galleries.release(spec.name)
 
     def _info(self, name: str) -> dataset_pb2.GalleryInfo:
         gallery, error = self.galleries.status(name)
