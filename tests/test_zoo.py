@@ -241,24 +241,28 @@ def test_top_patches_of_a_channels_last_tensor_rank_its_last_axis(zoo_client, en
         assert values[top_hit.index, top_hit.row, top_hit.col, channel] == pytest.approx(best[0], rel=1e-5)
 
 
-def test_exported_gelus_run_fused_and_stay_capturable(zoo_server, zoo_client, entries, chelsea):
-    """The TorchScript exporter writes ConvNeXt's GELU as Div / Erf / Add / Mul / Mul; the forward plan runs
-    torch's fused gelu there (the same function) unless one of the five tensors is hooked, and a hooked
-    intermediate (the Erf output) still holds the value onnxruntime computes."""
+@pytest.mark.parametrize("name, op", [("convnext_legacy17", "Erf"), ("convnext_legacy11", "Sqrt")])
+def test_exported_gelus_and_layer_norms_run_fused_and_stay_capturable(zoo_server, zoo_client, entries, chelsea,
+                                                                      name, op):
+    """The TorchScript exporter writes ConvNeXt's GELU as Div / Erf / Add / Mul / Mul and, at opset 11, its
+    LayerNorm as ReduceMean / Sub / Pow / ReduceMean / Add / Sqrt / Div; the forward plan runs torch's fused
+    gelu and layer_norm there (the same functions) unless one of those tensors is hooked, and a hooked
+    intermediate (the Erf or Sqrt output) still holds the value onnxruntime computes."""
     import torch
 
-    from convscope_server.gradient.bridge import _FusedGelu
+    from convscope_server.gradient.bridge import _Fused
 
-    name = "convnext_legacy17"
     torch_model = zoo_server.bridges.get(zoo_server.repository.get(name))
-    fused = [step[0] for step in torch_model.plan.steps if isinstance(step[0], _FusedGelu)]
-    assert fused, "no exported GELU was fused"
+    ops = [node.op_type for step in torch_model.plan.steps if isinstance(step[0], _Fused)
+           for node in torch_model.module.onnx_model.graph.node
+           if torch_model.module.mapping.get(node.output[0]) == step[0].steps[-1][0]]
+    assert ops and set(ops) <= {"Mul", "Div"}, "no exported GELU / LayerNorm was fused"
     x = torch.from_numpy(entries[name].sample(chelsea)[None])
     with torch.no_grad():
         np.testing.assert_allclose(torch_model.logits(x).numpy(), torch_model.module(x).numpy(), rtol=1e-5,
                                    atol=1e-5)
-    erf = next(node.output[0] for node in torch_model.module.onnx_model.graph.node if node.op_type == "Erf")
-    with torch.no_grad(), torch_model.capture([erf]) as store:
+    tensor = next(node.output[0] for node in torch_model.module.onnx_model.graph.node if node.op_type == op)
+    with torch.no_grad(), torch_model.capture([tensor]) as store:
         torch_model.logits(x)
-    expected = zoo_client.activations(name, entries[name].sample(chelsea), [erf])[erf].values
-    np.testing.assert_allclose(store[erf].numpy(), expected, rtol=1e-4, atol=1e-5)
+    expected = zoo_client.activations(name, entries[name].sample(chelsea), [tensor])[tensor].values
+    np.testing.assert_allclose(store[tensor].numpy(), expected, rtol=1e-4, atol=1e-5)

@@ -404,13 +404,69 @@ def erf_gelus(graph) -> list[list[int]]:
     return found
 
 
-class _FusedGelu:
-    """The op of one plan step standing for the five nodes of an exported exact GELU: torch's fused gelu
-    when none of the five ops has a hook (nothing asks for the intermediate tensors), else the five ops as
-    exported. A forward of the gelu equals the decomposition within float rounding."""
+def decomposed_layer_norms(graph) -> list[tuple[list[int], list[int], float]]:
+    """(node indices, axes, eps) of each LayerNorm written out as exporters before opset 17 do:
+    ReduceMean(x) -> Sub(x, mean) -> Pow(2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x - mean, sqrt), each
+    intermediate read only inside the chain (the scale and bias after it stay separate ops)."""
+    scalars = _scalars(graph)
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in set(node.input):
+            readers.setdefault(name, []).append(index)
+    outputs = {o.name for o in graph.output}
 
-    def __init__(self, steps, x: int, out: int):
-        self.steps, self.x, self.out = steps, x, out
+    def read_by(index) -> list[int]:
+        out = graph.node[index].output[0]
+        return [] if out in outputs else readers.get(out, [])
+
+    def axes_of(node):
+        found = [list(a.ints) for a in node.attribute if a.name == "axes"]
+        keep = [a.i for a in node.attribute if a.name == "keepdims"]
+        return (found[0] if found else None) if (not keep or keep[0] == 1) and len(node.input) == 1 else None
+
+    found = []
+    for first, mean in enumerate(graph.node):
+        axes = axes_of(mean) if mean.op_type == "ReduceMean" else None
+        if not axes:
+            continue
+        x = mean.input[0]
+        subs = read_by(first)
+        if len(subs) != 1 or graph.node[subs[0]].op_type != "Sub" or list(graph.node[subs[0]].input) != [
+                x, mean.output[0]]:
+            continue
+        sub = subs[0]
+        users = sorted(read_by(sub), key=lambda i: graph.node[i].op_type)  # Div, Pow
+        if [graph.node[i].op_type for i in users] != ["Div", "Pow"]:
+            continue
+        div, pow_ = users
+        if scalars.get(graph.node[pow_].input[1]) != 2.0:
+            continue
+        chain, current = [first, sub, pow_], pow_
+        for op in ("ReduceMean", "Add", "Sqrt"):
+            following = read_by(current)
+            if len(following) != 1 or graph.node[following[0]].op_type != op:
+                break
+            chain.append(following[0])
+            current = following[0]
+        if len(chain) != 6 or axes_of(graph.node[chain[3]]) != axes:
+            continue
+        add = graph.node[chain[4]]
+        eps = scalars.get(add.input[1] if add.input[0] == graph.node[chain[3]].output[0] else add.input[0])
+        if eps is None or read_by(chain[5]) != [div] or list(graph.node[div].input) != [
+                graph.node[sub].output[0], graph.node[chain[5]].output[0]]:
+            continue
+        found.append((sorted(chain + [div]), axes, eps))
+    return found
+
+
+class _Fused:
+    """The op of one plan step standing for several exported nodes that one torch function computes
+    (``function(x)``, or None when it does not apply to this input): that function when none of the ops has
+    a hook (nothing asks for the intermediate tensors), else the ops as exported. Equal within float
+    rounding."""
+
+    def __init__(self, steps, x: int, out: int, function):
+        self.steps, self.x, self.out, self.function = steps, x, out, function
 
     def hooked(self, module) -> bool:
         from torch.nn.modules import module as torch_module
@@ -421,13 +477,30 @@ class _FusedGelu:
                    for step in self.steps)
 
     def run(self, module, values, run_step) -> None:
-        import torch
-
-        if self.hooked(module):
+        value = None if self.hooked(module) else self.function(values[self.x])
+        if value is None:
             for step in self.steps:
                 run_step(step)
         else:
-            values[self.out] = torch.nn.functional.gelu(values[self.x])
+            values[self.out] = value
+
+
+def _gelu(x):
+    import torch
+
+    return torch.nn.functional.gelu(x)
+
+
+def _layer_norm(axes: list[int], eps: float):
+    def normalise(x):
+        import torch
+
+        dims = sorted(a % x.dim() for a in axes)
+        if dims != list(range(x.dim() - len(dims), x.dim())):
+            return None  # not the trailing axes: the ops as exported
+        return torch.nn.functional.layer_norm(x, x.shape[dims[0]:], eps=eps)
+
+    return normalise
 
 
 class ForwardPlan:
@@ -490,13 +563,16 @@ class ForwardPlan:
                 outs.append(slot[out or f"unused:{node.output[0]}:{index}"])
             steps.append([name, sources, outs, multi, []])
         outputs = [slot[name] for name in module.output_names]
-        for chain in reversed(erf_gelus(graph)):  # one step per node: node indices are step indices
+        fusions = [(chain, _gelu) for chain in erf_gelus(graph)]
+        fusions += [(chain, _layer_norm(axes, eps)) for chain, axes, eps in decomposed_layer_norms(graph)]
+        for chain, function in fusions:  # one step per node: node index = step index
             inner = [steps[i] for i in chain]
-            fused = _FusedGelu(inner, inner[0][1][0][1], inner[-1][2][0])
+            fused = _Fused(inner, inner[0][1][0][1], inner[-1][2][0], function)
             sources = [source for step in inner for source in step[1]]
-            steps[chain[-1]] = [fused, sources, inner[-1][2], False, []]  # where the gelu's output appears
-            for i in chain[-2::-1]:
-                del steps[i]  # what lies between reads none of the chain's intermediates (erf_gelus)
+            steps[chain[-1]] = [fused, sources, inner[-1][2], False, []]  # where the result appears
+            for i in chain[:-1]:
+                steps[i] = None  # what lies between reads none of the chain's intermediates
+        steps = [step for step in steps if step is not None]
         last_use: dict[int, int] = {}
         for index, step in enumerate(steps):
             for kind, value in step[1]:
@@ -525,7 +601,7 @@ class ForwardPlan:
                 values[value] = None
 
         for step in self.steps:
-            if isinstance(step[0], _FusedGelu):
+            if isinstance(step[0], _Fused):
                 step[0].run(module, values, run_step)
                 for value in step[4]:
                     values[value] = None
@@ -575,6 +651,9 @@ def _probe_difference(model, torch_model: TorchModel) -> float:
         got = torch_model.as_numpy(torch_model.logits(torch_model.tensor(x)))
     expected = expected.reshape(len(x), -1)
     return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
+CONVERTING = "converting the model for gradient methods"  # the progress stage while a first call waits
 
 
 class TorchBridges:
@@ -639,6 +718,11 @@ class TorchBridges:
             return "converting", "", None
         done = job.result()
         return ("unavailable", done, None) if isinstance(done, str) else ("ready", "", done)
+
+    def pending(self, name: str) -> bool:
+        """True while a gradient request for ``name`` would wait for its conversion (streamed calls say so
+        first: ``CONVERTING``)."""
+        return self.status(name)[0] in ("not converted", "converting")
 
     def forget(self, name: str) -> None:
         """Drop what is known of ``name`` (its file was replaced or removed): the next gradient request
