@@ -1,0 +1,189 @@
+"""The numbers of a model audit, computed from arrays a dataset scan and the techniques produce: no proto
+types, no I/O, no torch (the audit composes existing techniques; this module only counts).
+
+- classification: top-k accuracy, the most frequent confusions;
+- calibration: expected calibration error over equal-width confidence bins and the reliability diagram's
+  bins (Guo et al. 2017, "On Calibration of Modern Neural Networks");
+- attribution faithfulness: deletion and insertion curves (Petsiuk et al. 2018, "RISE: Randomized Input
+  Sampling for Explanation of Black-box Models"): pixels removed from (or restored into) the input in
+  order of attribution, the target probability after each step, and the area under the curve;
+- units: per-channel statistics over a scan, dead channels (never above a threshold anywhere) and
+  saturated ones (at their ceiling most of the time, as ReLU6 units can be);
+- dataset: near-duplicate pairs by code distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+
+
+# -- classification ---------------------------------------------------------------------------------------
+
+def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Fraction of rows of ``scores`` (N, classes) whose label is among the ``k`` highest scores; ties are
+    broken towards the lower class index, as a stable sort of the negated scores does."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    if len(scores) == 0:
+        return float("nan")
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+@dataclass(frozen=True)
+class Confusion:
+    true: int
+    predicted: int
+    count: int
+
+
+def confusions(predicted: np.ndarray, labels: np.ndarray, top: int = 10) -> list[Confusion]:
+    """The ``top`` most frequent (true, predicted) pairs with true != predicted, most frequent first, ties
+    in (true, predicted) order."""
+    pairs: dict[tuple[int, int], int] = {}
+    for true, guess in zip(np.asarray(labels).tolist(), np.asarray(predicted).tolist()):
+        if true != guess:
+            pairs[(true, guess)] = pairs.get((true, guess), 0) + 1
+    ordered = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))
+    return [Confusion(true, guess, count) for (true, guess), count in ordered[:top]]
+
+
+# -- calibration ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Calibration:
+    ece: float                  # expected calibration error: sum over bins of |accuracy - confidence| x share
+    edges: np.ndarray           # (bins + 1,) confidence bin edges over [0, 1]
+    confidence: np.ndarray      # (bins,) mean top-1 probability of the predictions in each bin (NaN if empty)
+    accuracy: np.ndarray        # (bins,) fraction of those predictions that are right (NaN if empty)
+    count: np.ndarray           # (bins,) predictions per bin
+
+
+def calibration(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> Calibration:
+    """Top-1 calibration of ``probabilities`` (N, classes): each prediction falls in the bin
+    ``(edges[b], edges[b + 1]]`` of its confidence (the first bin also takes 0)."""
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, confidence, bins) / count
+        accuracy = np.bincount(index, correct.astype(np.float64), bins) / count
+    used = count > 0
+    ece = float((np.abs(accuracy[used] - mean_confidence[used]) * count[used]).sum() / max(1, len(labels)))
+    return Calibration(ece, edges, mean_confidence, accuracy, count)
+
+
+# -- attribution faithfulness -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Curve:
+    fractions: np.ndarray   # (steps + 1,) share of pixels removed (deletion) or restored (insertion)
+    scores: np.ndarray      # (steps + 1,) target probability at each fraction
+    auc: float              # trapezoidal area under scores over fractions, in [0, 1]
+
+
+def pixel_order(attribution_map: np.ndarray) -> np.ndarray:
+    """Flat pixel indices of an (H, W) map, most important first (ties in row-major order)."""
+    return np.argsort(-np.asarray(attribution_map, np.float64).ravel(), kind="stable")
+
+
+def perturbation_curve(score, sample: np.ndarray, baseline: np.ndarray, attribution_map: np.ndarray,
+                       spatial_axes: tuple[int, int], steps: int = 16, insertion: bool = False,
+                       batch_size: int = 16) -> Curve:
+    """Deletion (``insertion=False``): starting from ``sample``, the most important pixels (all channels)
+    are replaced by ``baseline`` in ``steps`` equal shares; insertion: starting from ``baseline``, they are
+    restored from ``sample``. ``score(batch)`` gives the target probability of each input of a batch;
+    ``attribution_map`` is (H, W) over the input's ``spatial_axes``."""
+    height, width = sample.shape[spatial_axes[0]], sample.shape[spatial_axes[1]]
+    order = pixel_order(attribution_map)
+    counts = np.round(np.linspace(0, height * width, steps + 1)).astype(int)
+    start, end = (baseline, sample) if insertion else (sample, baseline)
+    inputs = []
+    for count in counts:
+        mask = np.zeros(height * width, bool)
+        mask[order[:count]] = True
+        shape = [1] * sample.ndim
+        shape[spatial_axes[0]], shape[spatial_axes[1]] = height, width
+        inputs.append(np.where(mask.reshape(height, width).reshape(shape), end, start).astype(sample.dtype))
+    scores = np.concatenate([np.asarray(score(np.stack(inputs[i: i + batch_size])), np.float64)
+                             for i in range(0, len(inputs), batch_size)])
+    fractions = counts / float(height * width)
+    return Curve(fractions, scores, float(_trapezoid(scores, fractions)))
+
+
+# -- units ------------------------------------------------------------------------------------------------
+
+class UnitStatistics:
+    """Per-channel statistics of one layer over a scan, fed batch by batch with channels-first values
+    (N, C, ...): maximum, mean, the fraction of positions above ``threshold`` (active) and at or above a
+    ``ceiling`` (saturated; ReLU6's 6), and the images counted."""
+
+    def __init__(self, channels: int, threshold: float = 0.0, ceiling: float | None = None):
+        self.threshold, self.ceiling = threshold, ceiling
+        self.images = 0
+        self.positions = 0
+        self.maximum = np.full(channels, -np.inf)
+        self.total = np.zeros(channels)
+        self.active = np.zeros(channels)
+        self.saturated = np.zeros(channels)
+
+    def add(self, values: np.ndarray) -> None:
+        flat = np.moveaxis(np.asarray(values, np.float64), 1, 0).reshape(len(self.maximum), -1)
+        self.images += values.shape[0]
+        self.positions += flat.shape[1]
+        self.maximum = np.maximum(self.maximum, flat.max(axis=1))
+        self.total += flat.sum(axis=1)
+        self.active += (flat > self.threshold).sum(axis=1)
+        if self.ceiling is not None:
+            self.saturated += (flat >= self.ceiling).sum(axis=1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(1, self.positions)
+
+    def dead(self) -> np.ndarray:
+        """Channels never above the threshold, at any position of any image."""
+        return np.flatnonzero(self.maximum <= self.threshold)
+
+    def saturating(self, share: float = 0.5) -> np.ndarray:
+        """Channels at or above the ceiling at more than ``share`` of their positions."""
+        if self.ceiling is None:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(self.saturated / max(1, self.positions) > share)
+
+
+# -- dataset ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    first: int
+    second: int
+    distance: float
+
+
+def near_duplicates(codes: np.ndarray, top: int = 20, chunk: int = 1024) -> list[Pair]:
+    """The ``top`` closest pairs (i < j) of rows of ``codes`` by Euclidean distance, closest first, ties in
+    (i, j) order. Chunked: memory O(chunk x N), not O(N^2)."""
+    codes = np.asarray(codes, np.float64)
+    norms = (codes ** 2).sum(axis=1)
+    best: list[tuple[float, int, int]] = []
+    for begin in range(0, len(codes), chunk):
+        block = codes[begin: begin + chunk]
+        squared = norms[begin: begin + chunk, None] + norms[None, :] - 2 * block @ codes.T
+        rows, cols = np.nonzero(np.triu(np.ones(squared.shape, bool), k=begin + 1))
+        if not len(rows):
+            continue
+        values = squared[rows, cols]
+        keep = np.argsort(values, kind="stable")[: 4 * top]
+        best += [(float(values[i]), begin + int(rows[i]), int(cols[i])) for i in keep]
+        best = sorted(best)[: 4 * top]
+    # exact distances for the candidates kept (the expansion above loses precision on near-equal codes)
+    exact = sorted((float(np.linalg.norm(codes[i] - codes[j])), i, j) for _, i, j in best)
+    return [Pair(i, j, distance) for distance, i, j in exact[:top]]
