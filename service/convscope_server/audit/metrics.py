@@ -64,11 +64,15 @@ class Calibration:
 
 
 def calibration(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> Calibration:
-    """Top-1 calibration of ``probabilities`` (N, classes): each prediction falls in the bin
-    ``(edges[b], edges[b + 1]]`` of its confidence (the first bin also takes 0)."""
-    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels)
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
+    """Top-1 calibration of ``probabilities`` (N, classes) against one label per row."""
+    probabilities = np.asarray(probabilities, np.float64)
+    return calibration_of(probabilities.max(axis=1), probabilities.argmax(axis=1) == np.asarray(labels), bins)
+
+
+def calibration_of(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> Calibration:
+    """Calibration of predictions with top-1 probability ``confidence`` and ``correct`` (booleans): each
+    falls in the bin ``(edges[b], edges[b + 1]]`` of its confidence (the first bin also takes 0)."""
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, bool)
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
     count = np.bincount(index, minlength=bins)
@@ -76,7 +80,7 @@ def calibration(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -
         mean_confidence = np.bincount(index, confidence, bins) / count
         accuracy = np.bincount(index, correct.astype(np.float64), bins) / count
     used = count > 0
-    ece = float((np.abs(accuracy[used] - mean_confidence[used]) * count[used]).sum() / max(1, len(labels)))
+    ece = float((np.abs(accuracy[used] - mean_confidence[used]) * count[used]).sum() / max(1, len(correct)))
     return Calibration(ece, edges, mean_confidence, accuracy, count)
 
 
