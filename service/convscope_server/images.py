@@ -119,7 +119,13 @@ def pixels_to_input(image: PILImage.Image, config: ModelConfig, box: tuple | Non
     if config.resize == "center_crop":
         left, top = (width - config.width) // 2, (height - config.height) // 2
         image = image.crop((left, top, left + config.width, top + config.height))
-    pixels = np.asarray(image).reshape(config.height, config.width, -1)
+    return normalize_pixels(np.asarray(image).reshape(config.height, config.width, -1), config)
+
+
+def normalize_pixels(pixels: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """uint8 (H, W, C) pixels already at the model's input size -> a model input sample: channel order,
+    scale, mean/std and layout as ``config`` says (no resize, no crop; the inverse of
+    ``render.display_image``)."""
     if config.channel_order == "BGR":
         pixels = pixels[..., ::-1]
     std = np.asarray(config.std, np.float64)
