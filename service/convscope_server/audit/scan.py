@@ -62,6 +62,7 @@ class ScanResult:
     codes: np.ndarray | None = None           # (N, D) the code layer's values, flattened
     units: dict[str, UnitStatistics] = field(default_factory=dict)
     failures: list[ItemFailure] = field(default_factory=list)
+    kept: np.ndarray | None = None            # the first ``keep`` model inputs, for the sampled sections
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -70,18 +71,21 @@ class ScanResult:
 
 def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list, batch_size: int,
          should_stop: Callable[[], bool], progress: Callable[[int], None] | None = None, workers: int = 0,
-         ceiling: dict[str, float] | None = None) -> ScanResult:
+         ceiling: dict[str, float] | None = None, keep: int = 0) -> ScanResult:
     """One pass of ``items`` through ``model``: logits, the flattened values of ``code_layer`` and
     :class:`UnitStatistics` of each layer in ``unit_layers`` (``LayerInfo`` objects; channels read on
     the axis their layout names). ``ceiling`` gives a layer's saturation value (ReLU6: 6). Unreadable
-    items are recorded in ``failures`` and left out."""
+    items are recorded in ``failures`` and left out. The first ``keep`` inputs are kept (``kept``) for the
+    sections that run on a sample."""
     backend = OrtBackend(model)
     result = ScanResult()
     logits_name = model.config.logits_output
     names = [logits_name] + ([code_layer] if code_layer else []) + [layer.name for layer in unit_layers]
     axes = {layer.name: acts.channel_axis(layer.shape, layer.layout, layer.op_type) for layer in unit_layers}
-    logits, codes = [], []
+    logits, codes, kept = [], [], []
     for batch in batches(items, batch_size, result.failures.append, should_stop, workers):
+        if sum(len(k) for k in kept) < keep:
+            kept.append(batch.inputs[: keep - sum(len(k) for k in kept)].copy())
         values = backend.tensors(batch.inputs, names)
         logits.append(values[logits_name].reshape(len(batch.inputs), -1))
         if code_layer:
@@ -98,4 +102,11 @@ def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list
     result.logits = np.concatenate(logits) if logits else np.zeros((0, model.num_classes), np.float32)
     if code_layer:
         result.codes = np.concatenate(codes) if codes else np.zeros((0, 0), np.float32)
+    result.kept = np.concatenate(kept) if kept else np.zeros((0, *model_input_shape(model)), np.float32)
     return result
+
+
+def model_input_shape(model) -> tuple[int, int, int]:
+    config = model.config
+    return ((config.channels, config.height, config.width) if config.layout == "NCHW"
+            else (config.height, config.width, config.channels))

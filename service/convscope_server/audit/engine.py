@@ -1,0 +1,207 @@
+"""The audit, stage by stage, as one function: model card -> one scan of the dataset -> classes, units and
+dataset sections -> attribution faithfulness on a sample -> robustness on a sample. The result is the
+dict audit.json holds. Every number comes from the existing techniques (onnxruntime for the forward
+ones, the converted torch module for gradients); a model without a gradient path gets every forward
+section and the reason in place of the gradient ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from convscope_server.audit import card, robustness, sections
+from convscope_server.audit.faithfulness import faithfulness
+from convscope_server.audit.scan import class_mapping, scan
+from convscope_server.forward import activations as acts
+from convscope_server.forward.backend import OrtBackend
+from convscope_server.forward.occlusion import occlusion
+from convscope_server.onnx.graph import classifier_input
+
+ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Gelu", "Mul"}
+GRADIENT_METHODS = ("vanilla", "integrated_gradients", "gradcam")
+
+
+@dataclass(frozen=True)
+class AuditBudget:
+    unit_layers: int = 4             # spatial activation layers with per-channel statistics, spread over depth
+    attribution_images: int = 8      # images the faithfulness curves run on
+    curve_steps: int = 16            # deletion / insertion steps
+    robustness_images: int = 64      # images the corruptions (and FGSM) run on
+    epsilons: tuple = (0.0, 1 / 255, 2 / 255, 4 / 255)   # FGSM, in [0, 1] pixel units
+    methods: tuple = ("vanilla", "integrated_gradients", "gradcam", "occlusion")
+
+
+def unit_layers(model, count: int) -> list:
+    """Up to ``count`` spatial activation tensors (known layout, more than one position), spread evenly
+    from the first to the last."""
+    candidates = [layer for layer in model.layers if layer.op_type in ACTIVATIONS and layer.layout
+                  and len(layer.shape) == 4 and all(layer.shape[a] > 1 for a in layer.axes)
+                  and acts.channel_axis(layer.shape, layer.layout, layer.op_type) is not None]
+    if len(candidates) <= count:
+        return candidates
+    picks = np.linspace(0, len(candidates) - 1, count).round().astype(int)
+    return [candidates[i] for i in dict.fromkeys(picks.tolist())]
+
+
+def _ceilings(model, layers) -> dict[str, float]:
+    """The upper bound of each Clip among ``layers`` (ReLU6: 6), where the graph holds it as a constant."""
+    bounds = {}
+    nodes = {node.output[0]: node for node in model.proto.graph.node}
+    for layer in layers:
+        node = nodes.get(layer.name)
+        if node is not None and node.op_type == "Clip" and len(node.input) > 2 and node.input[2] in model.constants:
+            bounds[layer.name] = float(np.asarray(model.constants[node.input[2]]).reshape(()))
+    return bounds
+
+
+def _timing(model) -> dict:
+    """Median latency of one image and throughput at the model's run batch, on this server."""
+    config = model.config
+    shape = (config.channels, config.height, config.width) if config.layout == "NCHW" else (
+        config.height, config.width, config.channels)
+    one = np.zeros((1, *shape), np.float32)
+    batch = np.zeros((max(1, model.fixed_batch or model.run_batch), *shape), np.float32)
+    output = [config.logits_output]
+    model.run(one, output)  # warm-up
+
+    def median(x, repeat):
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            model.run(x, output)
+            times.append(time.perf_counter() - started)
+        return float(np.median(times))
+
+    latency = median(one, 5)
+    batch_time = median(batch, 3)
+    return {"latency_ms": latency * 1e3, "throughput_images_per_s": len(batch) / batch_time,
+            "batch": len(batch), "provider": model.execution_provider}
+
+
+def _input_axes(config) -> tuple[int, tuple[int, int]]:
+    return (0, (1, 2)) if config.layout == "NCHW" else (2, (0, 1))
+
+
+def _maps(method: str, model, torch_model, samples, targets, cam_layer) -> list[np.ndarray]:
+    """(H, W) importance maps of ``method`` for each sample and target."""
+    from convscope_server.gradient import attribution, cam
+
+    channel_axis, (h_axis, w_axis) = _input_axes(model.config)
+    height, width = samples.shape[1 + h_axis], samples.shape[1 + w_axis]
+    out = []
+    for sample, target in zip(samples, targets):
+        if method == "vanilla":
+            with torch_model.scope():
+                grads = attribution.vanilla(torch_model, sample, target)
+            out.append(attribution.saliency_map(grads, channel_axis))
+        elif method == "integrated_gradients":
+            with torch_model.scope():
+                grads = attribution.integrated_gradients(torch_model, sample, target, np.zeros_like(sample), 16, 16)
+            out.append(attribution.saliency_map(grads, channel_axis))
+        elif method == "gradcam":
+            with torch_model.scope():
+                activation, grads = cam.layer_and_gradient(torch_model, sample, target, cam_layer.name)
+            if cam_layer.layout == "NHWC":
+                activation, grads = activation.transpose(2, 0, 1), grads.transpose(2, 0, 1)
+            out.append(cam.grad_cam(activation, grads, "gradcam", height, width))
+        elif method == "occlusion":
+            window = max(2, min(height, width) // 7)
+            maps = occlusion(OrtBackend(model), sample, target, (window, window), (window // 2, window // 2),
+                             np.zeros_like(sample), (h_axis, w_axis), chunk=model.run_batch)
+            out.append(maps.attribution)
+    return out
+
+
+def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBudget(), label_map: dict | None = None,
+              progress: Callable | None = None, should_stop: Callable[[], bool] = lambda: False,
+              workers: int = 0) -> dict | None:
+    """The audit of ``model`` over ``items`` (``datasets.Item``s). ``torch_model`` is the converted module,
+    or the reason there is none (a string). ``progress(stage, step, total)``. None when stopped."""
+    report_progress = progress or (lambda stage, step, total: None)
+    report: dict = {"model": {"name": model.name, "producer": model.proto.producer_name,
+                              "opset": max((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")),
+                                           default=0),
+                              "classes": model.num_classes, "input": {
+                                  "height": model.config.height, "width": model.config.width,
+                                  "layout": model.config.layout, "mean": list(model.config.mean),
+                                  "std": list(model.config.std), "scale": model.config.scale,
+                                  "resize": model.config.resize, "guessed": list(model.config.guessed)}}}
+    report_progress("model card", 0, 1)
+    report["model"].update(card.summary(model.proto, model.layers))
+    report["model"]["timing"] = _timing(model)
+
+    layers = unit_layers(model, budget.unit_layers)
+    keep = max(budget.attribution_images, budget.robustness_images)
+    result = scan(model, items, classifier_input(model.proto, model.config.logits_output), layers, model.run_batch,
+                  should_stop, lambda done: report_progress("scanning", done, 0), workers, _ceilings(model, layers),
+                  keep=keep)
+    if should_stop():
+        return None
+    report["dataset"] = {"images": len(result.ids), "skipped": [{"id": f.id, "reason": f.reason}
+                                                                for f in result.failures]}
+    mapping, unmapped = class_mapping(result.labels, model.labels, label_map, model.num_classes)
+    report["classes"] = sections.classes(result, mapping, unmapped, model.label)
+    report["units"] = sections.units(result)
+    report["dataset"].update(sections.dataset(result))
+
+    samples = result.kept
+    predicted = result.logits[: len(samples)].argmax(axis=1).tolist()
+    accepted = [mapping.get(label) for label in result.labels[: len(samples)]]
+    labelled = [i for i, a in enumerate(accepted) if a]
+    gradient_reason = torch_model if isinstance(torch_model, str) else ""
+    cam_layer = layers[-1] if layers else None
+
+    report_progress("faithfulness", 0, len(budget.methods))
+    chosen = samples[: budget.attribution_images]
+    targets = predicted[: len(chosen)]
+    maps, unavailable = {}, {}
+    for step, method in enumerate(budget.methods):
+        if should_stop():
+            return None
+        if method in GRADIENT_METHODS and gradient_reason:
+            unavailable[method] = gradient_reason
+        elif method == "gradcam" and cam_layer is None:
+            unavailable[method] = "the model has no spatial activation layer to take Grad-CAM at"
+        elif len(chosen):
+            maps[method] = _maps(method, model, torch_model, chosen, targets, cam_layer)
+        report_progress("faithfulness", step + 1, len(budget.methods))
+    channel_axis, spatial_axes = _input_axes(model.config)
+    report["faithfulness"] = {"images": len(chosen), "unavailable": unavailable, "steps": budget.curve_steps,
+                              "gradcam_layer": cam_layer.name if cam_layer else "",
+                              "methods": faithfulness(OrtBackend(model).logits, chosen, targets, maps,
+                                                      np.zeros_like(chosen[0]), spatial_axes, budget.curve_steps,
+                                                      model.run_batch, should_stop) if len(chosen) else {}}
+
+    report_progress("robustness", 0, 1)
+    rows = labelled[: budget.robustness_images] or list(range(min(len(samples), budget.robustness_images)))
+    truth = [accepted[i] for i in rows] if labelled else [(predicted[i],) for i in rows]
+    section = {"images": len(rows), "against": "labels" if labelled else "the model's clean predictions"}
+    if rows:
+        section["corruptions"] = robustness.corruption_accuracy(OrtBackend(model).logits, samples[rows], truth,
+                                                                model.config, should_stop=should_stop)
+        if gradient_reason:
+            section["fgsm"] = {"unavailable": gradient_reason}
+        else:
+            section["fgsm"] = _fgsm(model, torch_model, samples[rows], [t[0] for t in truth], budget.epsilons,
+                                    should_stop)
+    report["robustness"] = section
+    return None if should_stop() else report
+
+
+def _fgsm(model, torch_model, samples, labels, epsilons, should_stop) -> dict:
+    import torch
+
+    from convscope_server.gradient import adversarial
+    from convscope_server.gradient.synthesis.common import InputSpace
+
+    space = InputSpace.of(model.config, torch_model.device)
+    with torch_model.scope():
+        xs = torch.cat([space.from_sample(sample) for sample in samples])
+        ys = torch.from_numpy(np.asarray(labels, np.int64)).to(torch_model.device)
+        accuracy = adversarial.robustness_curve(torch_model, space, xs, ys, list(epsilons),
+                                                model.fixed_batch or 8, should_stop=should_stop)
+    return {"epsilons": list(epsilons), "accuracy": [] if accuracy is None else accuracy.tolist()}

@@ -1,0 +1,95 @@
+"""The audit end to end inside the server process (audit/engine.py) on the tiny model over a labelled
+folder: every section present and JSON-ready, its numbers against onnxruntime run by the test and Captum
+on the native module, and a model without a gradient path still audited."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from convscope_server.audit.engine import AuditBudget, run_audit
+from convscope_server.audit.faithfulness import faithfulness
+from convscope_server.datasets import folder_items
+from convscope_server.forward.backend import OrtBackend
+from convscope_server.gradient.bridge import TorchBridges
+from convscope_server.repository import load_folder
+from tiny_models import NUM_CLASSES, SIZE, TINY_CONFIG, export, tiny_net
+
+BUDGET = AuditBudget(unit_layers=2, attribution_images=3, curve_steps=4, robustness_images=8,
+                     epsilons=(0.0, 4 / 255))
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    base = tmp_path_factory.mktemp("engine")
+    native = tiny_net()
+    folder = base / "models" / "tiny"
+    export(native, folder / "model.onnx")
+    (folder / "config.toml").write_text(TINY_CONFIG)
+    (folder / "labels.txt").write_text("".join(f"thing {i}\n" for i in range(NUM_CLASSES)))
+    model = load_folder("tiny", folder)
+    data = base / "data"
+    rng = np.random.default_rng(9)
+    for label in ("thing 1", "thing 2", "5"):
+        (data / label).mkdir(parents=True)
+        for n in range(4):
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(data / label / f"{n}.png")
+    torch_model = TorchBridges("cpu").get(model)
+    report = run_audit(model, folder_items(data, base, model.config, 10**7), torch_model, BUDGET)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    return model, native, data, base, report, session
+
+
+def test_every_section_is_there_and_json_ready(audited):
+    *_, report, _ = audited
+    assert set(report) == {"model", "dataset", "classes", "units", "faithfulness", "robustness"}
+    json.dumps(report, allow_nan=False)  # strict JSON: no NaN or infinity anywhere
+    assert report["model"]["parameters"] > 0 and report["model"]["timing"]["latency_ms"] > 0
+    assert report["dataset"]["images"] == 12 and len(report["units"]) == 2
+    assert set(report["faithfulness"]["methods"]) == {"vanilla", "integrated_gradients", "gradcam", "occlusion",
+                                                      "random"}
+
+
+def test_accuracy_and_robustness_against_onnxruntime(audited):
+    model, native, data, base, report, session = audited
+    truth = {"thing 1": 1, "thing 2": 2, "5": 5}
+    right = []
+    for path in sorted(data.rglob("*.png")):
+        x = ((np.asarray(Image.open(path), np.float32) / 255.0 - 0.5) / 0.25).transpose(2, 0, 1)[None]
+        right.append(int(session.run(None, {"input": x})[0].argmax()) == truth[path.parent.name])
+    assert report["classes"]["accuracy"] == pytest.approx(np.mean(right))
+    robust = report["robustness"]
+    assert robust["against"] == "labels" and robust["images"] == 8
+    assert robust["corruptions"]["clean"] == pytest.approx(np.mean(right[:8]))
+    assert robust["fgsm"]["accuracy"][0] == pytest.approx(np.mean(right[:8]))  # epsilon 0: the clean inputs
+
+
+def test_vanilla_faithfulness_equals_the_curves_of_captum_maps(audited):
+    from captum.attr import Saliency
+
+    model, native, data, base, report, _ = audited
+    items = list(folder_items(data, base, model.config, 10**7))[:3]
+    samples = np.stack([item.load() for item in items])
+    logits = OrtBackend(model).logits
+    targets = logits(samples).argmax(axis=1).tolist()
+    maps = [np.abs(Saliency(native).attribute(torch.from_numpy(x[None]), target=t)[0].numpy()).max(axis=0)
+            for x, t in zip(samples, targets)]
+    expected = faithfulness(logits, samples, targets, {"vanilla": maps}, np.zeros_like(samples[0]), (1, 2), 4)
+    got = report["faithfulness"]["methods"]["vanilla"]
+    assert got["deletion_auc"] == pytest.approx(expected["vanilla"]["deletion_auc"], rel=1e-4)
+    assert got["insertion_auc"] == pytest.approx(expected["vanilla"]["insertion_auc"], rel=1e-4)
+
+
+def test_a_model_without_a_gradient_path_gets_every_forward_section(audited):
+    model, native, data, base, *_ = audited
+    report = run_audit(model, folder_items(data, base, model.config, 10**7), "onnx2pytorch cannot convert X", BUDGET)
+    assert report["faithfulness"]["unavailable"] == {m: "onnx2pytorch cannot convert X"
+                                                     for m in ("vanilla", "integrated_gradients", "gradcam")}
+    assert set(report["faithfulness"]["methods"]) == {"occlusion", "random"}
+    assert report["robustness"]["fgsm"] == {"unavailable": "onnx2pytorch cannot convert X"}
+    assert "accuracy" in report["classes"]
