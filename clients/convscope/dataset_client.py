@@ -1,12 +1,14 @@
 """Client methods for dataset-scale inspection: patches, galleries, nearest neighbours, embeddings.
 
 Images for a scan come from a dataset folder on the server (``dataset="demo"``) or from the caller: any
-iterable of images, ``(id, image)`` or ``(id, image, label)`` tuples. Streamed images are sent lazily, one
+iterable of images, ``(id, image)`` or ``(id, image, label)`` tuples. File paths are their own ids
+(relative to the folder a list of them shares); other images are numbered. Streamed images are sent lazily, one
 message each, so a generator over a million files costs the client one image of memory at a time.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +23,13 @@ SCAN_TIMEOUT = 24 * 3600.0   # scans stream progress; the server's --max-job-sec
 
 @dataclass(frozen=True)
 class DatasetSummary:
+    """A dataset folder on the server (``Client.datasets``).
+
+    Attributes:
+        name: the folder's name under the server's data root; scans take it as ``dataset=``.
+        images: how many image files it holds.
+        labels: its class sub-folders, when it has them.
+    """
     name: str
     images: int
     labels: list[str]
@@ -28,28 +37,58 @@ class DatasetSummary:
 
 @dataclass(frozen=True)
 class ItemError:
-    index: int                 # position in the scan
+    """An image a scan could not read; the scan went on without it.
+
+    Attributes:
+        index: its position in the scan.
+        id: its id (file name or the id given).
+        reason: why it could not be used.
+    """
+    index: int
     id: str
     reason: str
 
 
 @dataclass(frozen=True)
 class PatchHit:
-    index: int                 # the image's position in the scan
+    """One of a channel's top images (``TopPatches.channels``).
+
+    Attributes:
+        index: the image's position in the scan.
+        id: the image's id.
+        value: the channel's largest activation in that image.
+        row: where, in the layer's grid (row).
+        col: where, in the layer's grid (column).
+        box: (top, left, bottom, right) of the unit's receptive field in model-input pixels, end exclusive.
+        patch: uint8 pixels under the receptive field, with ``patches=True``; else None.
+    """
+    index: int
     id: str
-    value: float               # the channel's largest activation in that image
-    row: int                   # where, in the layer's grid
+    value: float
+    row: int
     col: int
-    box: tuple[int, int, int, int]  # (top, left, bottom, right) in model-input pixels, end exclusive
-    patch: np.ndarray | None   # uint8 pixels under the receptive field, when asked
+    box: tuple[int, int, int, int]
+    patch: np.ndarray | None
 
 
 @dataclass(frozen=True)
 class TopPatches:
+    """The images that excite each channel most (``Client.top_patches``).
+
+    Attributes:
+        layer: the layer scanned.
+        images: how many images were scanned.
+        skipped: how many were unreadable (listed in ``errors``).
+        channels: channel -> hits, best first.
+        grid_png: one row of patches per channel, when rendered.
+        grid_channels: the channels of the grid's rows, top to bottom.
+        errors: the unreadable images.
+        execution_provider: onnxruntime's provider that ran the scan.
+    """
     layer: str
-    images: int                # scanned
-    skipped: int               # unreadable, listed in ``errors``
-    channels: dict[int, list[PatchHit]]   # channel -> hits, best first
+    images: int
+    skipped: int
+    channels: dict[int, list[PatchHit]]
     grid_png: bytes
     grid_channels: list[int]
     errors: list[ItemError]
@@ -58,6 +97,22 @@ class TopPatches:
 
 @dataclass(frozen=True)
 class Gallery:
+    """A server-side gallery of codes and thumbnails (``Client.build_gallery``, ``Client.galleries``).
+
+    Attributes:
+        name: the gallery's name.
+        ready: False for a corrupt file or a missing or changed model.
+        error: why it is not ready.
+        model: the model whose codes it holds.
+        layer: the layer the codes come from.
+        size: how many images it holds.
+        dim: the length of one code.
+        thumbnail_size: the thumbnails' side in pixels.
+        source: where the images came from (a dataset name or "stream").
+        created: when it was built (seconds since the epoch).
+        file_bytes: the file's size.
+        errors: images skipped while building (build_gallery only).
+    """
     name: str
     ready: bool
     error: str
@@ -69,11 +124,20 @@ class Gallery:
     source: str
     created: float
     file_bytes: int
-    errors: tuple[ItemError, ...] = ()   # images skipped while building (build_gallery only)
+    errors: tuple[ItemError, ...] = ()
 
 
 @dataclass(frozen=True)
 class Neighbor:
+    """A gallery image near the query.
+
+    Attributes:
+        index: its position in the gallery.
+        id: its id.
+        label: its label, when the gallery has labels.
+        predicted: the class the model predicts for it.
+        distance: its distance to the query (L2, or 1 - cosine similarity).
+    """
     index: int
     id: str
     label: str
@@ -83,8 +147,17 @@ class Neighbor:
 
 @dataclass(frozen=True)
 class Neighbors:
-    feature: list[Neighbor]    # nearest by the gallery layer's codes
-    pixel: list[Neighbor]      # nearest by raw thumbnail pixels
+    """The nearest gallery images to a query (``Client.nearest_neighbors``).
+
+    Attributes:
+        feature: nearest by the gallery layer's codes, nearest first.
+        pixel: nearest by raw thumbnail pixels, for comparison.
+        query_predicted: the class the model predicts for the query.
+        query_predicted_label: its name.
+        grid_png: query and neighbours side by side, when rendered.
+    """
+    feature: list[Neighbor]
+    pixel: list[Neighbor]
     query_predicted: int
     query_predicted_label: str
     grid_png: bytes
@@ -92,14 +165,28 @@ class Neighbors:
 
 @dataclass(frozen=True)
 class Embedding:
+    """A 2-D map of a gallery's codes (``Client.embedding``).
+
+    Attributes:
+        method: "tsne" or "pca".
+        coordinates: (points, 2).
+        indices: each point's gallery position.
+        ids: each point's id.
+        predicted: each point's predicted class.
+        labels: each point's label, when the gallery has labels.
+        explained_variance_ratio: PCA: the variance each axis explains; else None.
+        kl_divergence: t-SNE: the final KL divergence.
+        scatter_png: the points coloured by predicted class, when rendered.
+        grid_png: t-SNE: the thumbnails laid on a grid by position, when rendered.
+    """
     method: str
-    coordinates: np.ndarray    # (points, 2)
-    indices: list[int]         # gallery positions
+    coordinates: np.ndarray
+    indices: list[int]
     ids: list[str]
     predicted: list[int]
     labels: list[str]
-    explained_variance_ratio: np.ndarray | None   # PCA
-    kl_divergence: float       # t-SNE
+    explained_variance_ratio: np.ndarray | None
+    kl_divergence: float
     scatter_png: bytes
     grid_png: bytes
 
@@ -115,12 +202,28 @@ def _source(images, dataset: str, limit: int) -> dataset_pb2.ImageSource:
     return dataset_pb2.ImageSource(dataset=dataset, expected=expected, limit=limit)
 
 
+def _common_folder(images) -> str:
+    """For a list of file paths, the folder they share (ids are relative to it); else ""."""
+    if not isinstance(images, (list, tuple)) or not images:
+        return ""
+    if not all(isinstance(entry, (str, os.PathLike)) for entry in images):
+        return ""
+    paths = [os.path.abspath(entry) for entry in images]
+    return os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath([os.path.dirname(p) for p in paths])
+
+
 def _items(images) -> Iterable[dataset_pb2.DatasetItem]:
+    """Items to stream. Ids: the id given in a tuple; for a file path, the path relative to the folder a
+    list of paths shares ("cats/01.jpg"), or the path as given for other iterables; else the position."""
+    common = _common_folder(images)
     for index, entry in enumerate(images or ()):
         if isinstance(entry, tuple):
             item_id, image, *rest = entry
             yield dataset_pb2.DatasetItem(id=str(item_id), image=to_image_message(image),
                                           label=str(rest[0]) if rest else "")
+        elif isinstance(entry, (str, os.PathLike)):
+            item_id = os.path.relpath(os.path.abspath(entry), common) if common else os.fspath(entry)
+            yield dataset_pb2.DatasetItem(id=item_id, image=to_image_message(entry))
         else:
             yield dataset_pb2.DatasetItem(id=str(index), image=to_image_message(entry))
 

@@ -18,11 +18,34 @@ from convscope_server.forward import activations as acts
 from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.class_activation import class_activation_map, find_linear_head
 from convscope_server.gradient import attribution, backprop, cam, sanity, segmentation
+from convscope_server.gradient.bridge import CONVERTING
 from convscope_server.images import MAX_INPUT_MAGNITUDE
 from convscope_server.memory import Budget, release
 from convscope_server.tensors import to_tensor
 
 MAX_IG_STEPS = 1000  # Integrated Gradients steps: Gauss-Legendre nodes come from an n x n eigenproblem
+
+
+def last_spatial_layer(model):
+    """The default CAM layer: the last tensor in graph order before the logits that is 4-D float with a known
+    layout and a height or width other than 1 (the last conv block's activation, before global pooling);
+    None when there is none. The client's ``Client.last_spatial_layer`` applies the same rule to Describe."""
+    found = None
+    for layer in model.layers:
+        if layer.name == model.config.logits_output:
+            break
+        if (layer.op_type != "Input" and layer.layout and layer.datatype in ("FP32", "FP16", "FP64")
+                and any(layer.shape[axis] != 1 for axis in layer.axes)):
+            found = layer
+    return found
+
+
+def converting_event(bridges, model, event_type):
+    """A progress event saying the model's first gradient call waits for its conversion, or None when the
+    torch module is ready (or known to be unavailable)."""
+    if not bridges.pending(model.name):
+        return None
+    return event_type(progress=tensor_pb2.Progress(step=0, total=0, stage=CONVERTING))
 
 
 class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
@@ -85,6 +108,9 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             budget.add(2 * passes * one, "steps", f"a path of {passes} images and their gradients")
         else:
             raise InvalidArgument("method", f"unknown saliency method {method}")
+        waiting = converting_event(self.bridges, model, attribution_pb2.AttributionEvent)
+        if waiting is not None:
+            yield waiting
         self.bridges.get(model)  # converting the model (once per server) is not the job's time
         started = time.monotonic()
         model, torch_model, sample, target = self._prepare(request, budget)
@@ -157,10 +183,15 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             if request.layer and model.layer(request.layer).name != head.feature_map:
                 raise InvalidArgument("layer", f"CAM uses the pooled tensor {head.feature_map!r}; leave layer "
                                       "empty or name that one")
-        elif not request.layer:
-            raise InvalidArgument("layer", "required: name a spatial tensor (see DescribeModel)")
-        layer = (model.layer(head.feature_map) if head else
-                 spatial_layer(model, request.layer, "layer", "class activation maps need a conv feature map"))
+        if head is not None:
+            layer = model.layer(head.feature_map)
+        elif request.layer:
+            layer = spatial_layer(model, request.layer, "layer", "class activation maps need a conv feature map")
+        else:
+            layer = last_spatial_layer(model)
+            if layer is None:
+                raise InvalidArgument("layer", "the model has no 4-D tensor of known layout to default to; name a "
+                                      "spatial tensor (see DescribeModel)")
         sample = single_input(model, request, self.limits)
         backend = OrtBackend(model)
         target = resolve_target(model, backend, request, sample)
@@ -169,7 +200,9 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         if method == "cam":  # the head was found in the graph; its pooled input is 4-D whatever shapes inference knew
             feature_map = acts.channels_first(backend.tensors(sample[None], [layer.name])[layer.name], head.layout)[0]
             heat = cam.finish(class_activation_map(feature_map, head, target), height, width)
-            return self._result(model, sample, target, head.weights[target], heat, 0, request.render, heat=heat)
+            result = self._result(model, sample, target, head.weights[target], heat, 0, request.render, heat=heat)
+            result.layer = layer.name
+            return result
         torch_model = self.bridges.get(model)
         with torch_model.scope():
             activation, grads = cam.layer_and_gradient(torch_model, sample, target, layer.name)
@@ -180,11 +213,14 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         if method == "guided_gradcam":
             coarse = cam.nearest_resize(cam.raw_grad_cam(activation, grads), height, width)
             attributed = guided * np.expand_dims(coarse, channel_axis)
-            return self._result(model, sample, target, attributed, attribution.saliency_map(attributed, channel_axis),
-                                2, request.render)
-        heat = cam.grad_cam(activation, grads, method, height, width)
-        return self._result(model, sample, target, cam.cam_weights(activation, grads, method), heat, 1,
-                            request.render, heat=heat)
+            result = self._result(model, sample, target, attributed,
+                                  attribution.saliency_map(attributed, channel_axis), 2, request.render)
+        else:
+            heat = cam.grad_cam(activation, grads, method, height, width)
+            result = self._result(model, sample, target, cam.cam_weights(activation, grads, method), heat, 1,
+                                  request.render, heat=heat)
+        result.layer = layer.name
+        return result
 
     def SanityCheck(self, request, context):
         budget = Budget()
@@ -210,12 +246,16 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             if not name:
                 head = find_linear_head(model.proto, model.constants, model.config.logits_output,
                                         lambda name: model.layer(name).layout, model.shape_value)
-                if isinstance(head, str):
+                last = last_spatial_layer(model)
+                if isinstance(head, str) and last is None:
                     raise InvalidArgument("cam_layer", f"required for gradcam: {head}")
-                name = head.feature_map
+                name = last.name if isinstance(head, str) else head.feature_map
             cam_layer = spatial_layer(model, name, "cam_layer", "Grad-CAM needs a conv feature map")
         if request.layers < 0:
             raise InvalidArgument("layers", f"must be >= 0, got {request.layers}")
+        waiting = converting_event(self.bridges, model, attribution_pb2.SanityCheckEvent)
+        if waiting is not None:
+            yield waiting
         self.bridges.get(model)  # converting the model (once per server) is not the job's time
         started = time.monotonic()
         model, torch_model, sample, target = self._prepare(request, budget)

@@ -15,6 +15,7 @@ from convscope_server.api.model_service import model_inputs, require_model
 from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.forward.backend import OrtBackend, softmax
 from convscope_server.gradient import adversarial
+from convscope_server.gradient.bridge import CONVERTING
 from convscope_server.gradient.synthesis import deepdream, inversion, optimize, style
 from convscope_server.gradient.synthesis.common import InputSpace, Objective
 from convscope_server.images import to_model_input
@@ -40,8 +41,12 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         self.limits = limits
 
     # -- shared ---------------------------------------------------------------------------------------
-    def _setup(self, request):
+    def _setup(self, request, event=synthesis_pb2.SynthesisEvent):
+        """(model, torch model, input space), used as ``yield from``: while the model's first gradient call
+        waits for its conversion, the client first gets a progress event saying so."""
         model = require_model(self.repository, request.model)
+        if self.bridges.pending(model.name):
+            yield event(progress=tensor_pb2.Progress(step=0, total=0, stage=CONVERTING))
         torch_model = self.bridges.get(model)
         return model, torch_model, InputSpace.of(model.config, torch_model.device)
 
@@ -60,18 +65,23 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                                     f"{self.limits.max_synthesis_pixels} pixels")
 
     def _stream(self, context, torch_model, work, space, options, started):
-        """Run ``work(reporter_factory, should_stop)`` in ``torch_model``'s scope and yield SynthesisEvents."""
-        frames: list[bytes] = []
+        """Run ``work(reporter_factory, should_stop)`` in ``torch_model``'s scope and yield SynthesisEvents.
+        With ``options.frames`` each reporter (one per result image: an inverted layer, a whole job) keeps
+        its own frames: the first step, every ``every`` steps and, added at the end, the final image."""
+        frames: list[list[bytes]] = []
 
         def run(progress, should_stop):
             def reporter(total, stage):
                 every = options.preview_every or (max(1, total // 20) if options.frames else 0)
+                kept: list[bytes] = []
+                frames.append(kept)
 
                 def report(step, loss, x):
-                    image = render.png(space.pixels(x)) if every and (step % every == 0 or step == total) else b""
+                    due = bool(every) and (step % every == 0 or step == total)
+                    image = render.png(space.pixels(x)) if due or (options.frames and step == 1) else b""
                     if image and options.frames:
-                        frames.append(image)
-                    progress(step, total, stage, loss, image if options.preview_every else b"")
+                        kept.append(image)
+                    progress(step, total, stage, loss, image if options.preview_every and due else b"")
                 return report
             with torch_model.scope():
                 return work(reporter, should_stop)
@@ -82,8 +92,11 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                 yield synthesis_pb2.SynthesisEvent(progress=tensor_pb2.Progress(
                     step=step, total=total, stage=stage, loss=loss, preview_png=image))
             elif value is not None:
-                for image in value.images:
-                    image.frames.extend(frames)
+                if options.frames:
+                    per_image = (frames if len(frames) == len(value.images)
+                                 else [[f for kept in frames for f in kept]] * len(value.images))
+                    for image, kept in zip(value.images, per_image):
+                        image.frames.extend(kept if kept and kept[-1] == image.png else [*kept, image.png])
                 yield synthesis_pb2.SynthesisEvent(result=value)
 
     @staticmethod
@@ -98,7 +111,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
 
     # -- techniques -----------------------------------------------------------------------------------
     def Visualize(self, request, context):
-        model, torch_model, space = self._setup(request)
+        model, torch_model, space = yield from self._setup(request)
         started = time.monotonic()  # after the model's conversion (once per server)
         steps, lr, seed = self._options(request.optimization, 200, 0.05)
         objective = Objective()
@@ -143,7 +156,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         yield from self._stream(context, torch_model, work, space, request.optimization, started)
 
     def Invert(self, request, context):
-        model, torch_model, space = self._setup(request)
+        model, torch_model, space = yield from self._setup(request)
         started = time.monotonic()  # after the model's conversion (once per server)
         steps, lr, seed = self._options(request.optimization, 200, 0.05)
         if not request.layers:
@@ -154,9 +167,10 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
 
         def work(reporter, should_stop):
             images = []
-            for layer in layers:
+            for number, layer in enumerate(layers, 1):
+                stage = f"inverting {layer.name}" + (f" (layer {number}/{len(layers)})" if len(layers) > 1 else "")
                 done = inversion.invert(torch_model, space, x0, layer.name, steps, lr, tv, seed,
-                                        reporter(steps, f"inverting {layer.name}"), should_stop)
+                                        reporter(steps, stage), should_stop)
                 if done is None:
                     return None
                 images.append(self._image(space, *done, layer=layer.name))
@@ -165,7 +179,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         yield from self._stream(context, torch_model, work, space, request.optimization, started)
 
     def DeepDream(self, request, context):
-        model, torch_model, space = self._setup(request)
+        model, torch_model, space = yield from self._setup(request)
         started = time.monotonic()  # after the model's conversion (once per server)
         steps, lr, seed = self._options(request.optimization, 10, 0.02)
         layer = spatial_layer(model, request.layer, "layer") if request.layer else None
@@ -195,7 +209,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         yield from self._stream(context, torch_model, work, space, request.optimization, started)
 
     def Style(self, request, context):
-        model, torch_model, space = self._setup(request)
+        model, torch_model, space = yield from self._setup(request)
         started = time.monotonic()  # after the model's conversion (once per server)
         adam = request.optimizer in ("", "adam")
         if not adam and request.optimizer != "lbfgs":
@@ -240,7 +254,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
     def Adversarial(self, request, context):
         import torch
 
-        model, torch_model, space = self._setup(request)
+        model, torch_model, space = yield from self._setup(request)
         started = time.monotonic()  # after the model's conversion (once per server)
         sample = single_input(model, request, self.limits, Budget())
         backend = OrtBackend(model)
@@ -295,7 +309,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
     def Robustness(self, request, context):
         import torch
 
-        model, torch_model, space = self._setup(request)
+        model, torch_model, space = yield from self._setup(request, synthesis_pb2.RobustnessEvent)
         started = time.monotonic()  # after the model's conversion (once per server)
         epsilons = ([finite(e, f"epsilons[{i}]", 0.0, 1.0) for i, e in enumerate(request.epsilons)]
                     or list(DEFAULT_EPSILONS))
