@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ def start(repository: Path, **settings):
     """A real server on a free loopback port. Gradient warm-up is off unless asked for: most test servers
     never run a gradient method, and converting every model of the repository would only load the cores."""
     settings.setdefault("gradient_warmup", False)
+    settings.setdefault("audit_root", Path(tempfile.mkdtemp(prefix="convscope-audits-")))  # never the checkout's
     return create_server(ServerConfig(host="127.0.0.1", port=0, repository=repository, workers=4,
                                       grace_seconds=1.0, **settings))
 

@@ -21,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor as FD
 
 from convscope import Client
 from convscope.tensors import to_tensor
-from convscope.v1 import (attribution_pb2 as a, dataset_pb2 as d, inspect_pb2 as i, model_pb2 as m,
+from convscope.v1 import (attribution_pb2 as a, audit_pb2 as au, dataset_pb2 as d, inspect_pb2 as i, model_pb2 as m,
                           synthesis_pb2 as s, tensor_pb2 as t)
 from conftest import png_bytes, start
 
@@ -92,6 +92,16 @@ def _base_requests(rng):
         "NearestNeighbors": lambda: d.NearestNeighborsRequest(gallery=GALLERY, image=img(), k=2, render=True),
         "Embed": lambda: d.EmbedRequest(gallery=GALLERY, method=int(rng.integers(2)), iterations=50, render=True,
                                         grid_size=3),
+        "RunAudit": lambda: [au.AuditRequest(spec=au.AuditSpec(
+            name=f"fuzz-{rng.integers(3)}", model="tiny", overwrite=True,
+            source=d.ImageSource(dataset="" if rng.integers(2) else "demo", limit=4),
+            budget=au.AuditBudget(unit_layers=1, attribution_images=1, curve_steps=2, robustness_images=2,
+                                  epsilons=[0.0, 0.01], methods=["vanilla", "occlusion"]),
+            label_map={"x": au.LabelClasses(classes=[1])}))]
+            + [au.AuditRequest(item=item(n)) for n in range(3)],
+        "ListAudits": lambda: au.ListAuditsRequest(),
+        "GetAudit": lambda: au.GetAuditRequest(name=f"fuzz-{rng.integers(3)}"),
+        "DeleteAudit": lambda: au.DeleteAuditRequest(name=f"fuzz-{rng.integers(3)}"),
     }
 
 
@@ -159,7 +169,11 @@ def _fields(message):
         found.append((message, field))
         if field.type == FD.TYPE_MESSAGE:
             value = getattr(message, field.name)
-            if field.is_repeated:
+            if field.message_type.GetOptions().map_entry:  # a map: its message values (keys: see _mutate)
+                for key in value:
+                    if not isinstance(value[key], (str, int, float, bool, bytes)):
+                        found += _fields(value[key])
+            elif field.is_repeated:
                 for element in value:
                     found += _fields(element)
             elif message.HasField(field.name):
@@ -172,6 +186,13 @@ def _mutate(rng, message) -> None:
     if not fields:  # ListModels, ListDatasets, ListGalleries: nothing to change
         return
     owner, field = fields[rng.integers(len(fields))]
+    if field.type == FD.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+        container = getattr(owner, field.name)
+        if rng.integers(2):
+            container.clear()
+        else:  # AuditSpec.label_map: a random label mapped to random classes
+            container[_random_string(rng)].classes.extend(int(rng.integers(-5, 2000)) for _ in range(2))
+        return
     if field.type == FD.TYPE_MESSAGE:
         if field.message_type.name == "Tensor":
             value = _random_tensor(rng)
@@ -232,9 +253,17 @@ STUBS = {"ListModels": "_models", "DescribeModel": "_models", "Predict": "_model
          "SanityCheck": "_attribution"}
 
 
+AUDIT_RPCS = ("RunAudit", "ListAudits", "GetAudit", "DeleteAudit")
+
+
 def _send(client: Client, name: str, request) -> grpc.StatusCode:
-    stub = getattr(client, STUBS.get(name, "_synthesis" if name in (
-        "Visualize", "Invert", "DeepDream", "Style", "Adversarial", "Robustness") else "_dataset"))
+    if name in AUDIT_RPCS:
+        from convscope.v1 import audit_pb2_grpc
+
+        stub = audit_pb2_grpc.AuditServiceStub(client._channel)
+    else:
+        stub = getattr(client, STUBS.get(name, "_synthesis" if name in (
+            "Visualize", "Invert", "DeepDream", "Style", "Adversarial", "Robustness") else "_dataset"))
     method = getattr(stub, name)
     try:
         answer = method(iter(request) if isinstance(request, list) else request, timeout=30)
@@ -260,7 +289,7 @@ def fuzz_server(repository, data_root, tmp_path_factory):
 
 def test_fuzz_every_rpc_never_answers_internal(fuzz_server):
     requests = _requests(SEED, REQUESTS)
-    assert len({name for name, _ in requests}) == 25  # every RPC of the five services
+    assert len({name for name, _ in requests}) == 29  # every RPC of the six services
     codes = collections.Counter()
     failures = []
     with Client(fuzz_server.address, timeout=30) as client:

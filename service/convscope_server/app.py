@@ -26,16 +26,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, dataset_pb2, dataset_pb2_grpc, inspect_pb2,
-                          inspect_pb2_grpc, model_pb2, model_pb2_grpc, synthesis_pb2, synthesis_pb2_grpc)
+from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, audit_pb2, audit_pb2_grpc, dataset_pb2,
+                          dataset_pb2_grpc, inspect_pb2, inspect_pb2_grpc, model_pb2, model_pb2_grpc, synthesis_pb2,
+                          synthesis_pb2_grpc)
 from convscope_server import config as config_module
 from convscope_server import memory
 from convscope_server.api import streaming
 from convscope_server.api.attribution_service import AttributionService
+from convscope_server.api.audit_service import AuditService
 from convscope_server.api.dataset_service import DatasetService
 from convscope_server.api.inspect_service import InspectService
 from convscope_server.api.synthesis_service import SynthesisService
 from convscope_server.api.model_service import ModelService
+from convscope_server.audit.store import AuditStore
 from convscope_server.config import ServerConfig
 from convscope_server.datasets import DataRoot
 from convscope_server.galleries import GalleryStore
@@ -52,7 +55,8 @@ INSPECT_SERVICE = inspect_pb2.DESCRIPTOR.services_by_name["InspectService"].full
 ATTRIBUTION_SERVICE = attribution_pb2.DESCRIPTOR.services_by_name["AttributionService"].full_name
 SYNTHESIS_SERVICE = synthesis_pb2.DESCRIPTOR.services_by_name["SynthesisService"].full_name
 DATASET_SERVICE = dataset_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
-SERVICES = (MODEL_SERVICE, INSPECT_SERVICE, ATTRIBUTION_SERVICE, SYNTHESIS_SERVICE, DATASET_SERVICE)
+AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
+SERVICES = (MODEL_SERVICE, INSPECT_SERVICE, ATTRIBUTION_SERVICE, SYNTHESIS_SERVICE, DATASET_SERVICE, AUDIT_SERVICE)
 
 
 # Cheap calls that run on a pool of their own, so they never wait behind heavy jobs.
@@ -165,6 +169,8 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     galleries.load_all()
     datasets = DatasetService(repository, DataRoot(config.data_root), galleries, config)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(
+        AuditService(repository, bridges, DataRoot(config.data_root), AuditStore(config.audit_root), config), server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))

@@ -18,6 +18,7 @@ class ServerConfig:
     repository: Path = Path("models")      # the model repository: <repository>/<name>/model.onnx
     data_root: Path = Path("datasets")     # dataset folders scans may read: <data_root>/<name>/...
     gallery_root: Path = Path("galleries")  # where galleries of codes are stored (created when missing)
+    audit_root: Path = Path("audits")      # where audit reports are stored (created when missing)
     workers: int = 8                       # request threads
     max_message_bytes: int = 64 * 1024 * 1024
     token: str | None = None               # when set, every call but health checks needs "Bearer <token>"
@@ -85,7 +86,7 @@ def add_arguments(parser) -> None:
         "host": "address to bind", "port": "port to bind (0 picks a free one)",
         "repository": "model repository folder", "workers": "request threads",
         "data_root": "folder whose sub-folders are the datasets scans may read",
-        "gallery_root": "folder where galleries are stored",
+        "gallery_root": "folder where galleries are stored", "audit_root": "folder where audit reports are stored",
         "max_scan_images": "most images in one dataset scan", "max_top_k": "largest k (patches per channel, "
         "neighbours per query)", "max_embed_points": "most points in one embedding",
         "max_message_bytes": "largest gRPC message sent or received",

@@ -1,0 +1,88 @@
+"""AuditService through the real server (gRPC stubs; the Python client's audit method comes with the
+audit's pages): a run over streamed labelled images, the stored report, listing, deletion, bad specs, and
+a model without a gradient path."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import numpy as np
+import pytest
+
+from convscope.tensors import to_tensor
+from convscope.v1 import audit_pb2, audit_pb2_grpc, dataset_pb2, tensor_pb2
+from conftest import start
+
+BUDGET = audit_pb2.AuditBudget(unit_layers=1, attribution_images=2, curve_steps=2, robustness_images=4,
+                               epsilons=[0.0, 0.02])
+
+
+@pytest.fixture(scope="module")
+def audit_stub(repository, data_root, tmp_path_factory):
+    running = start(repository, data_root=data_root, audit_root=tmp_path_factory.mktemp("audits"))
+    with grpc.insecure_channel(running.address) as channel:
+        yield audit_pb2_grpc.AuditServiceStub(channel)
+    running.stop(0)
+
+
+def items(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for n in range(count):
+        image = tensor_pb2.Image(array=to_tensor(rng.normal(0, 1, (3, 32, 32)).astype(np.float32)))
+        yield audit_pb2.AuditRequest(item=dataset_pb2.DatasetItem(id=f"img{n}", image=image,
+                                                                  label=["thing 1", "2", "other"][n % 3]))
+
+
+def run(stub, spec, count=6):
+    events = list(stub.RunAudit(iter([audit_pb2.AuditRequest(spec=spec), *items(count)]), timeout=120))
+    return events[:-1], events[-1].result
+
+
+def test_an_audit_runs_is_stored_listed_and_deleted(audit_stub):
+    spec = audit_pb2.AuditSpec(name="tiny-1", model="tiny", budget=BUDGET,
+                               source=dataset_pb2.ImageSource(expected=6))
+    progress, info = run(audit_stub, spec)
+    stages = [e.progress.stage for e in progress]
+    assert {"model card", "scanning", "faithfulness", "robustness", "writing"} <= set(stages)
+    assert info.name == "tiny-1" and info.model == "tiny" and info.images == 6 and info.labelled == 4
+    report = json.loads(audit_stub.GetAudit(audit_pb2.GetAuditRequest(name="tiny-1")).json)
+    assert report["classes"]["labelled"] == 4 and report["classes"]["unmapped_labels"] == ["other"]
+    assert report["classes"]["accuracy"] == pytest.approx(info.accuracy)
+    assert report["dataset"]["source"] == "stream" and report["created"] == info.created
+    assert "vanilla" in report["faithfulness"]["methods"]
+    assert [a.name for a in audit_stub.ListAudits(audit_pb2.ListAuditsRequest()).audits] == ["tiny-1"]
+    with pytest.raises(grpc.RpcError) as error:
+        run(audit_stub, spec)
+    assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    audit_stub.DeleteAudit(audit_pb2.DeleteAuditRequest(name="tiny-1"))
+    with pytest.raises(grpc.RpcError) as error:
+        audit_stub.GetAudit(audit_pb2.GetAuditRequest(name="tiny-1"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_model_without_a_gradient_path_gets_the_forward_sections(audit_stub):
+    spec = audit_pb2.AuditSpec(name="contrib", model="tiny_contrib_op", budget=BUDGET)
+    _, info = run(audit_stub, spec)
+    report = json.loads(audit_stub.GetAudit(audit_pb2.GetAuditRequest(name="contrib")).json)
+    assert set(report["faithfulness"]["unavailable"]) == {"vanilla", "integrated_gradients", "gradcam"}
+    assert "QuickGelu" in report["faithfulness"]["unavailable"]["vanilla"]
+    assert "occlusion" in report["faithfulness"]["methods"]
+    assert "unavailable" in report["robustness"]["fgsm"]
+
+
+@pytest.mark.parametrize("spec, field", [
+    (audit_pb2.AuditSpec(name="../x", model="tiny"), "spec.name"),
+    (audit_pb2.AuditSpec(name="ok", model="nope"), "spec.model"),
+    (audit_pb2.AuditSpec(name="ok", model="tiny", budget=audit_pb2.AuditBudget(methods=["magic"])),
+     "spec.budget.methods"),
+    (audit_pb2.AuditSpec(name="ok", model="tiny", budget=audit_pb2.AuditBudget(epsilons=[float("nan")])),
+     "spec.budget.epsilons[0]"),
+    (audit_pb2.AuditSpec(name="ok", model="tiny", label_map={"cat": audit_pb2.LabelClasses(classes=[99])}),
+     "spec.label_map"),
+])
+def test_bad_specs_name_the_field(audit_stub, spec, field):
+    with pytest.raises(grpc.RpcError) as error:
+        run(audit_stub, spec, count=1)
+    assert error.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert field in error.value.details()
