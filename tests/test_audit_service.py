@@ -1,6 +1,6 @@
-"""AuditService through the real server (gRPC stubs; the Python client's audit method comes with the
-audit's pages): a run over streamed labelled images, the stored report, listing, deletion, bad specs, and
-a model without a gradient path."""
+"""AuditService through the real server: a run over streamed labelled images, the stored report, listing,
+deletion, bad specs (raw gRPC stubs, to send what the client would not), a model without a gradient path,
+and the same through the Python client over a server dataset folder."""
 
 from __future__ import annotations
 
@@ -86,3 +86,25 @@ def test_bad_specs_name_the_field(audit_stub, spec, field):
         run(audit_stub, spec, count=1)
     assert error.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
     assert field in error.value.details()
+
+
+def test_the_client_runs_fetches_and_deletes_an_audit(repository, data_root, tmp_path):
+    from convscope import AuditInfo, Client, NotFound
+
+    running = start(repository, data_root=data_root, audit_root=tmp_path / "audits")
+    stages = []
+    try:
+        with Client(running.address, timeout=120) as client:
+            info = client.run_audit("demo-tiny", "tiny", dataset="demo", limit=6, label_map={"cat": [3, 5]},
+                                    unit_layers=1, attribution_images=1, curve_steps=2, robustness_images=2,
+                                    methods=["vanilla"], progress=lambda step, total, stage: stages.append(stage))
+            assert isinstance(info, AuditInfo) and info.images == 6 and "scanning" in stages
+            report = client.audit("demo-tiny")
+            assert report["dataset"]["source"] == "demo" and report["classes"]["images"] == 6
+            assert set(report["faithfulness"]["methods"]) == {"vanilla", "random"}
+            assert [a.name for a in client.audits()] == ["demo-tiny"]
+            client.delete_audit("demo-tiny")
+            with pytest.raises(NotFound, match="demo-tiny"):
+                client.audit("demo-tiny")
+    finally:
+        running.stop(0)

@@ -10,6 +10,7 @@
 from convscope.client import (Activation, AdversarialExample, Attribution, ClassScore, Client, DeadFilters, Filters,
                               Layer, ModelDescription, ModelSummary, OcclusionResult, ReceptiveField, Robustness,
                               SanityReport, ScoreCamResult, Synthesized, Target)
+from convscope.audit_client import AuditInfo
 from convscope.dataset_client import (DatasetSummary, Embedding, Gallery, ItemError, Neighbor, Neighbors, PatchHit,
                                       TopPatches)
 from convscope.errors import (AlreadyExists, Cancelled, ConvscopeError, DeadlineExceeded, FailedPrecondition, Internal,
@@ -22,6 +23,7 @@ __all__ = [
     "Filters", "Activation", "DeadFilters", "OcclusionResult", "ScoreCamResult", "Attribution", "SanityReport",
     "Synthesized", "AdversarialExample", "Robustness",
     "DatasetSummary", "ItemError", "PatchHit", "TopPatches", "Gallery", "Neighbor", "Neighbors", "Embedding",
+    "AuditInfo",
     "ConvscopeError", "InvalidArgument", "NotFound", "ResourceExhausted", "FailedPrecondition",
     "AlreadyExists", "Unauthenticated", "Unavailable", "DeadlineExceeded", "Cancelled", "Internal",
 ]

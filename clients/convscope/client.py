@@ -11,11 +11,12 @@ from typing import Union
 import grpc
 import numpy as np
 
+from convscope.audit_client import AuditMethods
 from convscope.dataset_client import DatasetMethods
 from convscope.errors import from_rpc_error
 from convscope.images import to_image_message
 from convscope.tensors import from_tensor as _from_tensor
-from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, dataset_pb2_grpc, inspect_pb2, inspect_pb2_grpc,
+from convscope.v1 import (attribution_pb2, attribution_pb2_grpc, audit_pb2_grpc, dataset_pb2_grpc, inspect_pb2, inspect_pb2_grpc,
                           model_pb2, model_pb2_grpc, synthesis_pb2, synthesis_pb2_grpc)
 
 DEFAULT_TARGET = os.environ.get("CONVSCOPE_SERVER", "localhost:50051")
@@ -453,7 +454,7 @@ def _tls_credentials(tls, cert=None, key=None) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=roots, private_key=private, certificate_chain=chain)
 
 
-class Client(DatasetMethods):
+class Client(DatasetMethods, AuditMethods):
     """Connects to a convscope server.
 
     >>> with Client("localhost:50051") as c:
@@ -485,6 +486,7 @@ class Client(DatasetMethods):
         self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
         self._synthesis = synthesis_pb2_grpc.SynthesisServiceStub(self._channel)
         self._dataset = dataset_pb2_grpc.DatasetServiceStub(self._channel)
+        self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
         self._labels: dict[str, list[str]] = {}
 
     # -- plumbing -------------------------------------------------------------------------------------
