@@ -284,7 +284,7 @@ def test_cli_dataset_commands(server, tmp_path, capsys):
     assert main(base + ["embed", "cli-tiny", "--method", "pca", "--grid", "3", "--out", str(out / "embed")]) == 0
     assert (out / "embed" / "pca_coordinates.csv").read_text().count("\n") == 9
     assert main(base + ["gallery", "delete", "cli-tiny"]) == 0
-    assert main(base + ["patches", MODEL, "/nope", "--dataset", "demo"]) == 2
+    assert main(base + ["patches", MODEL, "/nope", "--dataset", "demo"]) == 3  # not found (convscope --help)
     assert "NOT_FOUND" in capsys.readouterr().err
 
 

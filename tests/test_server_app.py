@@ -237,7 +237,7 @@ def test_cli_models_describe_predict(server, tmp_path, chelsea, coffee):
     assert predict.returncode == 0, predict.stderr
     assert "Egyptian cat" in predict.stdout and "espresso" in predict.stdout
     missing = cli("describe", "efficientnet_lite")
-    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr and "efficientnet_lite0" in missing.stderr
+    assert missing.returncode == 3 and "NOT_FOUND" in missing.stderr and "efficientnet_lite0" in missing.stderr
 
 
 def test_stubs_are_generated_from_protos(tmp_path):

@@ -11,6 +11,7 @@
     convscope guided efficientnet_lite0 cat.jpg [--layer L --channel C] --out out/
     convscope deconvnet efficientnet_lite0 cat.jpg --out out/
     convscope cam efficientnet_lite0 cat.jpg --layer /Clip_1_output_0 --method gradcam++ --out out/
+    convscope sanity efficientnet_lite0 cat.jpg --method vanilla --method gradcam --out out/
     convscope classvis efficientnet_lite0 --target 130 --out out/          (or --layer L --channel C)
     convscope invert efficientnet_lite0 cat.jpg --layer L1 --layer L2 --out out/
     convscope deepdream efficientnet_lite0 cat.jpg --layer /_blocks.5/Clip_1_output_0 --out out/
@@ -18,34 +19,27 @@
     convscope adversarial efficientnet_lite0 cat.jpg [--target 967] --out out/
     convscope datasets | patches | gallery | neighbors | embed ...   (see convscope.dataset_cli)
 
-Commands with --out write PNGs and an index.html that shows them; long jobs show a progress bar.
+Commands with --out write figures (PNG), animations (GIF), an index.html that explains them and page.json;
+long jobs show a progress bar. Figures need matplotlib: pip install convscope[cli].
 """
 
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from convscope import figures
+from convscope.cli_common import (EXIT_CODES_HELP, CliError, HelpFormatter, load_photo, report, safe_name, status,
+                                  table, with_progress)
 from convscope.client import DEFAULT_TARGET, Client
 from convscope.errors import ConvscopeError
-
-
-def table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -> str:
-    """A plain-text table with a header rule; columns in ``right`` are right-aligned."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-
-    def line(row):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+from convscope.dataset_cli import add_commands
+from convscope.pages import Page
 
 
 def _shape(shape) -> str:
@@ -97,6 +91,8 @@ def cmd_describe(client: Client, args) -> int:
 
 
 def cmd_predict(client: Client, args) -> int:
+    for path in args.images:
+        load_photo(path)  # a missing, folder or undecodable file is reported by name before any call
     results = client.predict(args.model, list(args.images), top=args.top)
     if args.json:
         print(json.dumps([{"image": path, "top": [vars(s) for s in scores]}
@@ -111,287 +107,435 @@ def cmd_predict(client: Client, args) -> int:
     return 0
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr: ``bar(step, total, stage)``."""
-
-    def __init__(self, label: str, stream=sys.stderr):
-        self.label = label
-        self.stream = stream
-        self.started = time.monotonic()
-        self.shown = False
-        self.live = hasattr(stream, "isatty") and stream.isatty()
-        self.stage = None
-
-    def __call__(self, step: int, total: int, stage: str = "") -> None:
-        if not self.live and stage == self.stage and step < total:
-            return  # piped to a file or another program: one line per stage and the end, not every step
-        if not self.live and self.shown:
-            self.stream.write("\n")
-        self.stage = stage
-        width = 30
-        done = int(width * step / total) if total else width
-        rate = step / max(time.monotonic() - self.started, 1e-9)
-        eta = (total - step) / rate if rate > 0 else 0
-        self.stream.write(f"\r{self.label} [{'#' * done}{'.' * (width - done)}] {step}/{total} "
-                          f"{stage} {eta:4.0f}s left ")
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\n")
+# -- shared by the picture commands --------------------------------------------------------------------------
+def photos(args) -> dict[str, np.ndarray]:
+    """Every image argument decoded here first: a bad file stops the command before any server work. The
+    copies are for display (at most 1200 px on the long side); the server gets the files themselves."""
+    return {path: figures.for_display(load_photo(path)) for path in args.images}
 
 
-class Page:
-    """Collects pictures and captions into ``out/`` and writes ``out/index.html`` to show them."""
-
-    def __init__(self, out: Path, title: str):
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.title = title
-        self.items: list[tuple[str, str]] = []
-
-    def image(self, name: str, data: bytes, caption: str) -> Path:
-        path = self.out / name
-        path.write_bytes(data)
-        self.items.append((name, caption))
-        return path
-
-    def write(self, summary: str = "") -> Path:
-        figures = "\n".join(
-            f'<figure><img src="{html.escape(name)}" style="image-rendering: pixelated; max-width: 100%">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in self.items)
-        page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(self.title)}</title>"
-                "<style>body{font-family:sans-serif;margin:2em;background:#fafafa} figure{display:inline-block;"
-                "margin:1em;vertical-align:top} figcaption{max-width:40em;font-size:90%}</style>"
-                f"<h1>{html.escape(self.title)}</h1><p>{html.escape(summary)}</p>{figures}")
-        path = self.out / "index.html"
-        path.write_text(page)
-        print(f"wrote {len(self.items)} picture(s) and {path}")
-        return path
+def preprocessing(client: Client, model: str, gradient: bool = False) -> dict:
+    """The model's preprocessing (to show maps in the photo's geometry); for gradient methods, a status line
+    when the server still has to convert the model (the first call waits for it)."""
+    d = client.describe(model)
+    if gradient and d.gradient.get("state") not in ("ready", "unavailable", ""):
+        status(f"{model}: the server is converting the model for gradient methods ({d.gradient['state']}); "
+               "the first call waits for it (once per server)")
+    return d.preprocessing
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("_") or "tensor"
+def rendering(what: str = "figures") -> None:
+    status(f"rendering {what} ...")
 
 
-def with_progress(label: str, call):
-    """``call(bar)`` with a progress bar that is closed however the call ends."""
-    bar = ProgressBar(label)
-    try:
-        return call(bar)
-    finally:
-        bar.close()
+def _target_words(target: int, label: str) -> str:
+    return f"class {target} {label}".rstrip()
 
 
 def cmd_filters(client: Client, args) -> int:
-    f = client.filters(args.model, args.layer, render=True, max_filters=args.max_filters,
-                       max_channels=args.max_channels)
+    f = client.filters(args.model, args.layer, max_filters=args.max_filters, max_channels=args.max_channels)
     kind = "RGB first-layer filters" if f.rgb else "depthwise filters" if f.depthwise else "filters x input channels"
     print(f"{f.layer}: weights {list(f.weights.shape)} ({kind}, group {f.group}); "
           f"min {f.weights.min():.4f} max {f.weights.max():.4f}")
-    page = Page(args.out, f"Filters of {args.model} {f.layer}")
-    page.image(f"filters_{_safe(f.layer)}.png", f.png, f"{f.layer} — {kind}, weights {list(f.weights.shape)}")
+    rendering()
+    page = Page(args.out, f"Filters of {f.layer}", args.model,
+                "Each tile is one learned convolution kernel; weights are shown on one scale, grey or white = 0.")
+    page.figure(f"filters_{safe_name(f.layer)}.png",
+                figures.filters(f.weights, f.layer, kind, f.rgb, args.max_filters, args.max_channels),
+                f"{f.layer}: weights {list(f.weights.shape)} ({kind})",
+                "first-layer filters look like oriented edges, colour blobs and gratings; noisy or all-grey "
+                "tiles are filters that learned little", wide=True)
     page.write()
     return 0
 
 
 def cmd_activations(client: Client, args) -> int:
-    result = client.activations(args.model, list(args.images), args.layer, render=True,
-                                max_channels=args.max_channels)
-    page = Page(args.out, f"Activations of {args.model}")
+    shown = photos(args)
+    result = client.activations(args.model, list(args.images), args.layer, max_channels=args.max_channels)
+    page = Page(args.out, "Activations", args.model,
+                "Each tile is one channel of the layer's output for the image: where in the image the channel fires.")
+    rendering()
     for name, a in result.items():
         stats = a.stats
         print(f"{name}: {list(a.values.shape)} {a.layout}  mean {a.values.mean():.4f}  max {a.values.max():.4f}  "
               f"channels never positive: {int((stats['max'] <= 0).sum())}/{len(stats['max'])}")
-        for path, picture in zip(args.images, a.png):
-            page.image(f"act_{_safe(name)}_{_safe(Path(path).stem)}.png", picture,
-                       f"{name} on {path}: first {args.max_channels} channels (0 = black, layer max = white)")
+        if a.values.ndim != 4:
+            print(f"  {name} is not spatial: no picture (see the numbers above)")
+            continue
+        for i, path in enumerate(shown):
+            page.figure(f"act_{safe_name(name)}_{safe_name(Path(path).stem)}.png",
+                        figures.activations(a.values[i], a.layout, name, Path(path).name, args.max_channels),
+                        f"{name} on {path}",
+                        "bright tiles: channels that respond to something in this image; the position of the bright "
+                        "area is where; all-dark tiles are channels this image does not excite", wide=True)
     page.write()
     return 0
 
 
 def cmd_occlusion(client: Client, args) -> int:
-    page = Page(args.out, f"Occlusion on {args.model}")
-    for path in args.images:
+    shown = photos(args)
+    prep = preprocessing(client, args.model)
+    page = Page(args.out, "Occlusion sensitivity", args.model,
+                f"A grey window ({args.window} px, stride {args.stride or args.window // 2}, baseline {args.baseline}) "
+                "slides over the image; each pixel shows how much covering it lowers the class score.")
+    for path, photo in shown.items():
         r = with_progress(Path(path).name, lambda bar: client.occlusion(
             args.model, path, args.target, window=args.window, stride=args.stride, baseline=args.baseline,
-            score=args.score, render=True, progress=bar))
+            score=args.score, progress=bar))
         worst = np.unravel_index(np.argmin(r.probability), r.probability.shape)
         print(f"{path}: class {r.target} {r.label} p={r.base_probability:.4f}; lowest p={r.probability.min():.4f} "
               f"with the window at row {r.rows[worst[0]]}, col {r.cols[worst[1]]} ({r.forward_passes} passes)")
-        stem = _safe(Path(path).stem)
-        page.image(f"occlusion_{stem}_overlay.png", r.overlay_png,
-                   f"{path}: drop in {args.score} of {r.target} {r.label} (brighter = more important)")
-        page.image(f"occlusion_{stem}_heatmap.png", r.heatmap_png, "heatmap alone")
-    page.write(f"window {args.window}, stride {args.stride or args.window // 2}, baseline {args.baseline}")
-    return 0
-
-
-def cmd_scorecam(client: Client, args) -> int:
-    page = Page(args.out, f"Score-CAM on {args.model} {args.layer}")
-    for path in args.images:
-        r = with_progress(Path(path).name, lambda bar: client.score_cam(
-            args.model, path, args.layer, args.target, render=True, progress=bar))
-        print(f"{path}: class {r.target} {r.label}; {len(r.channel_weights)} channels, {r.forward_passes} passes")
-        if not r.cam.any():
-            print("  the map is zero everywhere: the weighted channel sum is negative at every position (common on "
-                  "a conv's raw output); try the activation after it (the ReLU/Clip output)")
-        stem = _safe(Path(path).stem)
-        page.image(f"scorecam_{stem}_overlay.png", r.overlay_png, f"{path}: Score-CAM for {r.target} {r.label}")
-        page.image(f"scorecam_{stem}_heatmap.png", r.heatmap_png, "map alone")
+        rendering()
+        unit = f"drop in target {args.score}"
+        page.figure(f"occlusion_{safe_name(Path(path).stem)}.png", figures.heatmap(
+            photo, r.attribution, prep, f"Occlusion: {_target_words(r.target, r.label)} on {Path(path).name} "
+            f"(p = {r.base_probability:.2f} unoccluded)", unit),
+            f"{path}: {unit} of {_target_words(r.target, r.label)} when that region is covered",
+            "red: covering it lowers the score (evidence the network uses); blue: covering it raises the score",
+            wide=True)
     page.write()
     return 0
 
 
-def gradient_picture(attribution: np.ndarray) -> bytes:
-    """An input-shaped gradient as an RGB picture, the usual way guided backprop and DeconvNet are shown:
-    standardised, scaled by 0.1 and centred on grey, then clipped."""
-    import io
+def cmd_scorecam(client: Client, args) -> int:
+    shown = photos(args)
+    prep = preprocessing(client, args.model)
+    page = Page(args.out, f"Score-CAM at {args.layer}", args.model,
+                "Each channel of the layer masks the input; channels whose masked input keeps the class score "
+                "high get more weight; the map is their weighted sum, scaled to 0..1.")
+    for path, photo in shown.items():
+        r = with_progress(Path(path).name, lambda bar: client.score_cam(
+            args.model, path, args.layer, args.target, progress=bar))
+        print(f"{path}: class {r.target} {r.label}; {len(r.channel_weights)} channels, {r.forward_passes} passes")
+        if not r.cam.any():
+            print("  the map is zero everywhere: the weighted channel sum is negative at every position (common on "
+                  "a conv's raw output); try the activation after it (the ReLU/Clip output)")
+        rendering()
+        page.figure(f"scorecam_{safe_name(Path(path).stem)}.png", figures.heatmap(
+            photo, r.cam, prep, f"Score-CAM: {_target_words(r.target, r.label)} on {Path(path).name}",
+            "relative importance (0..1)"),
+            f"{path}: where {args.layer} sees {_target_words(r.target, r.label)}",
+            "the bright region should cover the object of the class; a map on the background means the network "
+            "uses context", wide=True)
+    page.write()
+    return 0
 
-    from PIL import Image
 
-    hwc = attribution if attribution.shape[-1] in (1, 3) else attribution.transpose(1, 2, 0)
-    standard = (hwc - hwc.mean()) / (hwc.std() + 1e-5)
-    pixels = ((standard * 0.1 + 0.5) * 255).clip(0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _attribution_pages(args, title: str, call, describe: str, picture: bool = False) -> int:
-    page = Page(args.out, title)
-    for path in args.images:
+def _attribution_pages(client, args, title: str, intro: str, call, unit: str, what=None, picture=False,
+                       look_for: str = "") -> int:
+    shown = photos(args)
+    prep = preprocessing(client, args.model, gradient=True)
+    page = Page(args.out, title, args.model, intro)
+    for path, photo in shown.items():
+        status(f"{title} of {path} ...")
         r = with_progress(Path(path).name, lambda bar: call(path, bar))
-        print(f"{path}: class {r.target} {r.label}; {r.backward_passes} backward pass(es)")
-        stem = _safe(Path(path).stem)
-        page.image(f"{args.command}_{stem}_overlay.png", r.overlay_png, f"{path}: {describe} for {r.target} {r.label}")
-        page.image(f"{args.command}_{stem}_map.png", r.heatmap_png, "map alone")
+        subject = what or _target_words(r.target, r.label)
+        print(f"{path}: {subject}; {r.backward_passes} backward pass(es)")
+        rendering()
+        stem, name = safe_name(Path(path).stem), Path(path).name
+        page.figure(f"{args.command}_{stem}_map.png", figures.heatmap(
+            photo, r.map, prep, f"{title}: {subject} on {name}", unit), f"{path}: {unit} for {subject}",
+            look_for, wide=True)
         if picture:
-            page.image(f"{args.command}_{stem}_gradient.png", gradient_picture(r.attribution),
-                       "the gradient as an image (grey = 0, standardised)")
-        if getattr(r, "mask_png", b""):
-            page.image(f"{args.command}_{stem}_segment.png", r.mask_png,
-                       f"GrabCut seeded by the map: {r.mask.mean():.0%} of the image kept")
+            page.figure(f"{args.command}_{stem}_gradient.png", figures.gradient(
+                photo, r.attribution, prep, f"{title}: {subject} on {name}"),
+                f"{path}: the signed gradient as an image",
+                "edges and textures the explained unit responds to; colour shows which colour channel would raise "
+                "the score (grey = no effect)", wide=True)
+        if r.mask is not None:
+            page.figure(f"{args.command}_{stem}_segment.png", figures.heatmap(
+                photo, r.mask.astype(np.float64), prep, f"GrabCut seeded by the map: {r.mask.mean():.0%} kept",
+                "foreground (1) or background (0)"), f"{path}: GrabCut segmentation seeded by the map",
+                "the kept region should be the object; it shows how far the map alone locates it", wide=True)
     page.write()
     return 0
 
 
 def cmd_saliency(client: Client, args) -> int:
-    return _attribution_pages(args, f"{args.method} saliency on {args.model}", lambda path, bar: client.saliency(
-        args.model, path, args.target, method=args.method, samples=args.samples, noise=args.noise,
-        steps=args.steps, render=True, segment=args.segment, progress=bar),
-        f"{args.method} (max |attribution| over channels)")
+    names = {"vanilla": "Vanilla gradient", "smoothgrad": "SmoothGrad", "integrated_gradients": "Integrated Gradients"}
+    return _attribution_pages(
+        client, args, f"{names[args.method]} saliency", "How much each input pixel changes the class score: the "
+        "gradient of the score with respect to the input (largest |value| over the colour channels).",
+        lambda path, bar: client.saliency(args.model, path, args.target, method=args.method, samples=args.samples,
+                                          noise=args.noise, steps=args.steps, segment=args.segment, progress=bar),
+        "|gradient| magnitude (max over colour channels)" if args.method != "integrated_gradients"
+        else "|attribution| (max over colour channels)",
+        look_for="bright pixels on the object's outline and texture; vanilla maps are noisy, SmoothGrad and "
+        "Integrated Gradients less so")
 
 
 def cmd_backprop(client: Client, args) -> int:
-    method = client.guided_backprop if args.command == "guided" else client.deconvnet
-    what = f"channel {args.channel} of {args.layer}" if args.layer else "class score"
-    return _attribution_pages(args, f"{args.command} on {args.model}", lambda path, bar: method(
-        args.model, path, args.target, layer=args.layer or "", channel=args.channel, render=True),
-        f"{args.command} of the {what}", picture=True)
+    guided = args.command == "guided"
+    method = client.guided_backprop if guided else client.deconvnet
+    what = f"channel {args.channel} of {args.layer}" if args.layer else None
+    intro = ("Guided backpropagation: the gradient passed back only where both the activation and the gradient are "
+             "positive, which keeps sharp image detail." if guided else
+             "DeconvNet (Zeiler & Fergus): the signal passed back through rectified gradients only; it shows patterns "
+             "the unit likes, and less about where they are.")
+    return _attribution_pages(
+        client, args, "Guided backpropagation" if guided else "DeconvNet", intro,
+        lambda path, bar: method(args.model, path, args.target, layer=args.layer or "", channel=args.channel),
+        "|gradient| magnitude (max over colour channels)", what, picture=True,
+        look_for="the parts of the image that drive the unit; checkerboard texture is the strided convolutions' "
+        "artefact, not the image")
 
 
 def cmd_cam(client: Client, args) -> int:
-    return _attribution_pages(args, f"{args.method} on {args.model} {args.layer or ''}", lambda path, bar: client.cam(
-        args.model, path, args.target, layer=args.layer or "", method=args.method, render=True),
-        args.method, picture=args.method == "guided_gradcam")
+    names = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "cam": "CAM", "guided_gradcam": "Guided Grad-CAM"}
+    guided = args.method == "guided_gradcam"
+    return _attribution_pages(
+        client, args, f"{names[args.method]}" + (f" at {args.layer}" if args.layer else ""),
+        "The layer's channels weighted by how much they raise the class score, summed and rectified: a coarse map "
+        "of where the class is." + (" Guided Grad-CAM multiplies it with guided backpropagation." if guided else ""),
+        lambda path, bar: client.cam(args.model, path, args.target, layer=args.layer or "", method=args.method),
+        "|attribution| (max over colour channels)" if guided else "relative importance (0..1)", picture=guided,
+        look_for="the warm region should sit on the object of the class; its coarseness is the layer's resolution")
 
 
-def gif(frames: list[bytes]) -> bytes:
-    """PNG frames -> an animated GIF (the optimisation as it went)."""
-    import io
-
-    from PIL import Image
-
-    images = [Image.open(io.BytesIO(f)).convert("RGB") for f in frames]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=120, loop=0)
-    return buffer.getvalue()
-
-
-def _synthesis_page(args, title: str, results, caption) -> int:
-    page = Page(args.out, title)
-    for k, r in enumerate(results):
-        name = _safe(r.layer) if getattr(r, "layer", "") else str(k)
-        page.image(f"{args.command}_{name}.png", r.png, caption(r))
-        if r.frames:
-            page.image(f"{args.command}_{name}.gif", gif(r.frames), "the optimisation, step by step")
-        print(f"{caption(r)}: objective {r.losses[0]:.4g} -> {r.losses[-1]:.4g} in {len(r.losses)} steps")
+def cmd_sanity(client: Client, args) -> int:
+    shown = photos(args)
+    prep = preprocessing(client, args.model, gradient=True)
+    page = Page(args.out, "Sanity check: cascading randomisation", args.model,
+                "Adebayo et al. 2018: the model's weights are re-initialised layer by layer from the top; a method "
+                "that explains the model should change its map as the model is destroyed.")
+    for path, photo in shown.items():
+        r = with_progress(Path(path).name, lambda bar: client.sanity_check(
+            args.model, path, args.target, methods=args.method or (), cam_layer=args.cam_layer or "",
+            layers=args.layers, seed=args.seed, return_maps=True, progress=bar))
+        for method, values in r.spearman.items():
+            print(f"{path} {method}: Spearman with the trained map {values[0]:.2f} (top layer) -> "
+                  f"{values[-1]:.2f} (all {len(values)} layers)")
+        rendering()
+        page.figure(f"sanity_{safe_name(Path(path).stem)}.png", figures.sanity(
+            photo, prep, r.original_maps, r.randomized_maps, r.layers, r.spearman,
+            f"Sanity check: {_target_words(r.target, r.label)} on {Path(path).name}"),
+            f"{path}: rows are methods, columns the maps as more layers are randomised (rho: rank correlation with "
+            "the trained model's map)", "a trustworthy method's map falls apart (rho near 0) as layers are "
+            "randomised; a map that stays the same shows the image's edges, not the model", wide=True)
     page.write()
     return 0
 
 
-def _optimization(args) -> dict:
-    return {"steps": args.steps, "learning_rate": args.lr, "seed": args.seed, "frames": True}
+# -- synthesis ------------------------------------------------------------------------------------------------
+class Frames:
+    """Collects preview frames per stage of a streamed job (one GIF per inverted layer) and feeds a bar."""
+
+    def __init__(self, bar):
+        self.bar, self.stage, self.by_stage = bar, "", {}
+
+    def progress(self, step, total, stage=""):
+        self.stage = stage
+        self.bar(step, total, stage)
+
+    def preview(self, step, loss, png):
+        if png:
+            self.by_stage.setdefault(self.stage, []).append(png)
+
+    def all(self) -> list[bytes]:
+        return [frame for frames in self.by_stage.values() for frame in frames]
+
+
+def _run_job(label: str, call, steps: int, parts: int = 0):
+    """``call(progress, preview, preview_every)`` with a bar; returns (result, Frames)."""
+    every = max(1, steps // 20)
+
+    def go(bar):
+        frames = Frames(bar)
+        return call(frames.progress, frames.preview, every), frames
+    return with_progress(label, go, parts=parts)
+
+
+def class_label(client: Client, model: str, index: int) -> str:
+    """The class name of ``index`` (the model's label file), or "" when the server cannot say."""
+    try:
+        names = client.labels(model)
+        return names[index] if 0 <= index < len(names) else ""
+    except (ConvscopeError, AttributeError):
+        return ""
+
+
+def target_value(text: str):
+    """--target: a class index, or a class name the library resolves (e.g. "Egyptian cat")."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _gif(page: Page, name: str, frames: list[bytes], caption: str) -> None:
+    if len(frames) > 1:
+        page.image(name, figures.gif(frames), caption, "how the image changes as the optimisation runs")
 
 
 def cmd_classvis(client: Client, args) -> int:
     if args.layer is None and args.target is None:
-        raise SystemExit("convscope classvis: give --target CLASS or --layer LAYER")
-    r = with_progress("classvis", lambda bar: client.class_visualization(
+        raise CliError("classvis: give --target CLASS or --layer LAYER (with --channel)", 2)
+    r, frames = _run_job("classvis", lambda progress, preview, every: client.class_visualization(
         args.model, args.target, layer=args.layer or "", channel=args.channel, jitter=args.jitter,
-        blur_every=args.blur_every, decay=args.decay, l2=args.l2, progress=bar, **_optimization(args)))
-    what = f"channel {args.channel} of {args.layer}" if args.layer else f"class {args.target}"
-    return _synthesis_page(args, f"What maximises {what} in {args.model}", [r], lambda _: what)
-
-
-def cmd_invert(client: Client, args) -> int:
-    results = with_progress("invert", lambda bar: client.invert(
-        args.model, args.image, args.layer, tv_weight=args.tv_weight, progress=bar, **_optimization(args)))
-    return _synthesis_page(args, f"{args.image} reconstructed from {args.model}'s codes", results,
-                           lambda r: f"from {r.layer}")
-
-
-def cmd_deepdream(client: Client, args) -> int:
-    r = with_progress("deepdream", lambda bar: client.deepdream(
-        args.model, args.image, args.layer, octaves=args.octaves, progress=bar, **_optimization(args)))
-    return _synthesis_page(args, f"DeepDream of {args.image} at {args.layer}", [r], lambda _: args.layer)
-
-
-def cmd_style(client: Client, args) -> int:
-    r = with_progress("style", lambda bar: client.style_transfer(
-        args.model, args.style, args.content, style_layers=args.style_layer, content_layer=args.content_layer or "",
-        optimizer=args.optimizer, height=args.height, width=args.width, progress=bar, **_optimization(args)))
-    what = f"{args.content} in the style of {args.style}" if args.content else f"texture from {args.style}"
-    return _synthesis_page(args, what, [r], lambda _: what)
-
-
-def cmd_adversarial(client: Client, args) -> int:
-    page = Page(args.out, f"Adversarial examples for {args.model}")
-    for path in args.images:
-        r = with_progress(Path(path).name, lambda bar: client.adversarial(
-            args.model, path, "targeted" if args.target is not None else "fgsm", target=args.target,
-            epsilon=args.epsilon, steps=args.steps, progress=bar, frames=args.target is not None))
-        stem = _safe(Path(path).stem)
-        verdict = (f"{path}: {r.before[0].label} ({r.before[0].probability:.2f}) -> {r.after[0].label} "
-                   f"({r.after[0].probability:.2f}), largest pixel change {r.linf_pixels * 255:.1f}/255")
-        print(verdict)
-        page.image(f"adversarial_{stem}.png", r.png, verdict)
-        page.image(f"adversarial_{stem}_perturbation.png", r.perturbation_png, "the perturbation, amplified")
-        if r.frames:
-            page.image(f"adversarial_{stem}.gif", gif(r.frames), "step by step")
+        blur_every=args.blur_every, decay=args.decay, l2=args.l2, steps=args.steps, learning_rate=args.lr,
+        seed=args.seed, preview_every=every, progress=progress, preview=preview), args.steps or 200)
+    prep = client.describe(args.model).preprocessing
+    if args.layer:
+        what = f"channel {args.channel} of {args.layer}"
+    else:
+        index = args.target if isinstance(args.target, int) else client.target_index(args.model, args.target)
+        what = f"class {index} {class_label(client, args.model, index)}".rstrip()
+    print(f"{what}: objective {r.losses[0]:.4g} -> {r.losses[-1]:.4g} in {len(r.losses)} steps")
+    rendering()
+    page = Page(args.out, f"What maximises {what}", args.model,
+                "An image made from noise by gradient ascent on the objective, with regularisers (jitter, blur, decay) "
+                "that keep it natural-looking.")
+    page.figure("classvis.png", figures.side_by_side([(figures.input_pixels(r.image, prep), what)],
+                f"What maximises {what}", losses=r.losses),
+                f"{what}: the synthesised image and the objective per step",
+                "repeated parts of the class (eyes, legs, textures) rather than one whole object", wide=True)
+    _gif(page, "classvis.gif", frames.all(), "the optimisation, step by step")
     page.write()
     return 0
 
 
-def image_command(commands, name: str, help: str, run, target: bool = True):
+def cmd_invert(client: Client, args) -> int:
+    photo = figures.for_display(load_photo(args.image))
+    prep = client.describe(args.model).preprocessing
+    results, frames = _run_job("invert", lambda progress, preview, every: client.invert(
+        args.model, args.image, args.layer, tv_weight=args.tv_weight, steps=args.steps, learning_rate=args.lr,
+        seed=args.seed, preview_every=every, progress=progress, preview=preview),
+        args.steps or 200, parts=len(args.layer))
+    rendering()
+    page = Page(args.out, f"{Path(args.image).name} reconstructed from its codes", args.model,
+                "For each layer, an image whose code at that layer matches the original's: what the layer keeps of the "
+                "image.")
+    aspect = figures.display_aspect(prep, photo.shape)
+    panels = [(figures.model_view(photo, prep), "original (as the model sees it)")]
+    panels += [(figures.input_pixels(r.image, prep), f"from {r.layer}") for r in results]
+    page.figure("invert.png", figures.side_by_side(panels, f"{Path(args.image).name}: original | reconstructions",
+                                                   aspect), "original, then one reconstruction per layer",
+                "shallow layers keep colour and detail; deeper layers keep the layout of parts but not their look",
+                wide=True)
+    for r in results:
+        print(f"from {r.layer}: objective {r.losses[0]:.4g} -> {r.losses[-1]:.4g} in {len(r.losses)} steps")
+        own = [f for stage, f in frames.by_stage.items()
+               if stage == f"inverting {r.layer}" or stage.startswith(f"inverting {r.layer} (")]
+        _gif(page, f"invert_{safe_name(r.layer)}.gif", own[0] if own else [], f"reconstruction from {r.layer}, "
+             "step by step")
+    page.write()
+    return 0
+
+
+def cmd_deepdream(client: Client, args) -> int:
+    photo = figures.for_display(load_photo(args.image))
+    prep = client.describe(args.model).preprocessing
+    r, frames = _run_job("deepdream", lambda progress, preview, every: client.deepdream(
+        args.model, args.image, args.layer, octaves=args.octaves, steps=args.steps, learning_rate=args.lr,
+        seed=args.seed, preview_every=every, progress=progress, preview=preview),
+        (args.steps or 10) * (args.octaves or 3))
+    print(f"{args.layer}: objective {r.losses[0]:.4g} -> {r.losses[-1]:.4g} in {len(r.losses)} steps")
+    rendering()
+    page = Page(args.out, f"DeepDream at {args.layer}", args.model,
+                "The image changed by gradient ascent to make the layer's activations larger, over several scales "
+                "(octaves): what the layer sees, amplified.")
+    dream = figures.decode(r.png)
+    page.figure("deepdream.png", figures.side_by_side(
+        [(figures.model_view(photo, prep), "original"), (dream, f"dreamed at {args.layer}")],
+        f"DeepDream of {Path(args.image).name}", figures.display_aspect(prep, photo.shape)),
+        f"{args.image}: original | DeepDream at {args.layer}",
+        "patterns the layer detects (shallow: textures; deeper: eyes, fur, object parts) grown out of the image",
+        wide=True)
+    _gif(page, "deepdream.gif", frames.all(), "the dream, step by step over the octaves (frames scaled to one size)")
+    page.write()
+    return 0
+
+
+def cmd_style(client: Client, args) -> int:
+    style = figures.for_display(load_photo(args.style))
+    content = figures.for_display(load_photo(args.content)) if args.content else None
+    r, frames = _run_job("style", lambda progress, preview, every: client.style_transfer(
+        args.model, args.style, args.content, style_layers=args.style_layer, content_layer=args.content_layer or "",
+        optimizer=args.optimizer, height=args.height, width=args.width, steps=args.steps, learning_rate=args.lr,
+        seed=args.seed, preview_every=every, progress=progress, preview=preview), args.steps or 300)
+    what = f"{Path(args.content).name} in the style of {Path(args.style).name}" if args.content else \
+        f"texture from {Path(args.style).name}"
+    print(f"{what}: objective {r.losses[0]:.4g} -> {r.losses[-1]:.4g} in {len(r.losses)} steps")
+    rendering()
+    result = figures.decode(r.png)
+    shape = content.shape if content is not None else None   # a texture has no photo to follow
+    prep = client.describe(args.model).preprocessing
+    aspect = 1.0 if args.height or args.width else figures.display_aspect(prep, shape)
+    panels = ([(content, "content", 1.0)] if content is not None else []) + [(style, "style", 1.0),
+                                                                             (result, "result", aspect)]
+    page = Page(args.out, what, args.model,
+                "Gatys et al.: an image whose Gram matrices (feature correlations) at the style layers match the style "
+                "image's" + (" and whose code at the content layer matches the content image's." if content is not None
+                             else "."))
+    page.figure("style.png", figures.side_by_side(panels, what, losses=r.losses, loss_label="loss"),
+                " | ".join(p[1] for p in panels), "the style's colours and brush texture, the content's layout",
+                wide=True)
+    _gif(page, "style.gif", frames.all(), "the optimisation, step by step")
+    page.write()
+    return 0
+
+
+def cmd_adversarial(client: Client, args) -> int:
+    shown = photos(args)
+    prep = client.describe(args.model).preprocessing
+    targeted = args.target is not None
+    if targeted:
+        index = args.target if isinstance(args.target, int) else client.target_index(args.model, args.target)
+        towards = f" towards class {index} {class_label(client, args.model, index)}".rstrip()
+    page = Page(args.out, "Adversarial examples" + (towards if targeted else " (FGSM)"),
+                args.model, "A small change to every pixel, made along the gradient, that changes the served model's "
+                "answer; the middle panel shows the change multiplied so it can be seen.")
+    for path, photo in shown.items():
+        r, frames = _run_job(Path(path).name, lambda progress, preview, every: client.adversarial(
+            args.model, path, "targeted" if targeted else "fgsm", target=args.target, epsilon=args.epsilon,
+            steps=args.steps, preview_every=1 if targeted else 0, progress=progress, preview=preview),
+            args.steps or 100)
+        stem = safe_name(Path(path).stem)
+        before, after = r.before[0], r.after[0]
+        verdict = (f"{path}: {before.label} ({before.probability:.2f}) -> {after.label} ({after.probability:.2f}), "
+                   f"largest pixel change {r.linf_pixels * 255:.1f}/255")
+        print(verdict)
+        rendering()
+        change, factor = figures.amplified(figures.pixel_change(r.perturbation, prep))
+        panels = [(figures.model_view(photo, prep), f"original: {before.label} ({before.probability:.2f})"),
+                  (change, f"perturbation x {factor:g}"),
+                  (figures.input_pixels(r.image, prep), f"adversarial: {after.label} ({after.probability:.2f})")]
+        page.figure(f"adversarial_{stem}.png", figures.side_by_side(
+            panels, f"{Path(path).name}: largest change {r.linf_pixels * 255:.1f}/255 per pixel",
+            figures.display_aspect(prep, photo.shape)), verdict,
+            "the two images look the same to us, yet the model's answer changes; the perturbation looks like noise",
+            wide=True)
+        page.figures[-1]["info"]["factor"] = factor
+        _gif(page, f"adversarial_{stem}.gif", frames.all(), f"{r.steps_taken} steps towards the target")
+    page.write()
+    return 0
+
+
+# -- the parser -----------------------------------------------------------------------------------------------
+OUT_HELP = "output folder (default: convscope-out/COMMAND)"
+
+
+def _parser(commands, name: str, help: str, run, description: str = ""):
+    sub = commands.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    sub.set_defaults(run=run)
+    return sub
+
+
+def image_command(commands, name: str, help: str, run, target: bool = True,
+                  target_help: str = "class to explain: index or name, e.g. 285 or 'Egyptian cat' (default: the "
+                                     "predicted class)"):
     """A picture-making subcommand over MODEL IMAGE...: with --target (when it has one) and --out."""
-    sub = commands.add_parser(name, help=help)
-    sub.add_argument("model")
+    sub = _parser(commands, name, help, run)
+    sub.add_argument("model", help="model name (see `convscope models`)")
     sub.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     if target:
-        sub.add_argument("--target", type=int, default=None, help="class (default: the predicted one)")
-    sub.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
-    sub.set_defaults(run=run)
+        sub.add_argument("--target", type=target_value, default=None, help=target_help)
+    sub.add_argument("--out", type=Path, default=None, help=OUT_HELP)
     return sub
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convscope", description="Inspect convolutional networks served by a "
-                                     "convscope server.")
+                                     "convscope server.", epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter)
     parser.add_argument("--server", default=DEFAULT_TARGET,
-                        help=f"server address (env CONVSCOPE_SERVER, default {DEFAULT_TARGET})")
+                        help=f"server address HOST:PORT (env CONVSCOPE_SERVER; default: {DEFAULT_TARGET})")
     parser.add_argument("--token", default=os.environ.get("CONVSCOPE_TOKEN"),
                         help="bearer token, when the server wants one (env CONVSCOPE_TOKEN; given here it is "
                         "visible in `ps`: prefer the variable or --token-file)")
@@ -399,117 +543,143 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read the bearer token from this file's first line (env CONVSCOPE_TOKEN_FILE)")
     parser.add_argument("--tls", metavar="PEM", default=os.environ.get("CONVSCOPE_TLS"),
                         help="use TLS; PEM is a root-certificate file, or 'system' for the system roots "
-                        "(env CONVSCOPE_TLS)")
+                        "(env CONVSCOPE_TLS; default: plaintext)")
     parser.add_argument("--tls-cert", metavar="PEM", default=os.environ.get("CONVSCOPE_TLS_CERT"),
                         help="client certificate for servers that require one (mutual TLS); needs --tls-key "
                         "(env CONVSCOPE_TLS_CERT)")
     parser.add_argument("--tls-key", metavar="PEM", default=os.environ.get("CONVSCOPE_TLS_KEY"),
                         help="private key of --tls-cert (env CONVSCOPE_TLS_KEY)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("models", help="list the models in the repository").set_defaults(run=cmd_models)
+    _parser(commands, "models", "list the models in the repository", cmd_models)
 
-    describe = commands.add_parser("describe", help="inputs, outputs, preprocessing and every tensor")
-    describe.add_argument("model")
-    describe.add_argument("--op", action="append", help="only tensors made by this op (repeatable)")
+    describe = _parser(commands, "describe", "inputs, outputs, preprocessing and every tensor", cmd_describe)
+    describe.add_argument("model", help="model name (see `convscope models`)")
+    describe.add_argument("--op", action="append", help="only tensors made by this op, e.g. Conv (repeatable; "
+                          "default: all)")
     describe.add_argument("--spatial", action="store_true", help="only spatial tensors (with a receptive field)")
     describe.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    describe.set_defaults(run=cmd_describe)
 
-    predict = commands.add_parser("predict", help="top-k classes for images")
-    predict.add_argument("model")
+    predict = _parser(commands, "predict", "top-k classes for images", cmd_predict)
+    predict.add_argument("model", help="model name (see `convscope models`)")
     predict.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
-    predict.add_argument("--top", type=int, default=5)
+    predict.add_argument("--top", type=int, default=5, help="classes to list per image")
     predict.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    predict.set_defaults(run=cmd_predict)
 
-    filters = commands.add_parser("filters", help="weights of a Conv layer as a picture")
-    filters.add_argument("model")
-    filters.add_argument("layer", help="a Conv output tensor or Conv node name")
-    filters.add_argument("--max-filters", type=int, default=64)
+    filters = _parser(commands, "filters", "weights of a Conv layer as a picture", cmd_filters)
+    filters.add_argument("model", help="model name (see `convscope models`)")
+    filters.add_argument("layer", help="a Conv output tensor or Conv node name (see `convscope describe MODEL "
+                         "--op Conv`)")
+    filters.add_argument("--max-filters", type=int, default=64, help="filters (output channels) to show")
     filters.add_argument("--max-channels", type=int, default=16, help="input channels per filter (deeper layers)")
-    filters.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
-    filters.set_defaults(run=cmd_filters)
+    filters.add_argument("--out", type=Path, default=None, help=OUT_HELP)
 
     activations = image_command(commands, "activations", "channel grids of tensors for images", cmd_activations,
                                 target=False)
-    activations.add_argument("--layer", action="append", required=True, help="tensor name (repeatable)")
-    activations.add_argument("--max-channels", type=int, default=64)
+    activations.add_argument("--layer", action="append", required=True, help="tensor name (repeatable; required)")
+    activations.add_argument("--max-channels", type=int, default=64, help="channels shown per picture")
 
     occlusion = image_command(commands, "occlusion", "occlusion sensitivity maps", cmd_occlusion)
-    occlusion.add_argument("--window", type=int, default=32)
-    occlusion.add_argument("--stride", type=int, default=None, help="default: half the window")
-    occlusion.add_argument("--baseline", default="constant", choices=["constant", "mean", "blur"])
-    occlusion.add_argument("--score", default="probability", choices=["probability", "logit"])
+    occlusion.add_argument("--window", type=int, default=32, help="side of the occluding square, in model-input "
+                           "pixels")
+    occlusion.add_argument("--stride", type=int, default=None, help="pixels between windows (default: half the "
+                           "window)")
+    occlusion.add_argument("--baseline", default="constant", choices=["constant", "mean", "blur"],
+                           help="what fills the window: the normalisation mean (grey), the image's mean colour, or "
+                           "a blurred copy")
+    occlusion.add_argument("--score", default="probability", choices=["probability", "logit"],
+                           help="the class score whose drop is mapped")
 
     scorecam = image_command(commands, "scorecam", "Score-CAM class activation maps", cmd_scorecam)
-    scorecam.add_argument("--layer", required=True, help="a spatial tensor, e.g. the last conv block's activation")
+    scorecam.add_argument("--layer", required=True, help="a spatial tensor, e.g. the last conv block's activation "
+                          "(required)")
 
     saliency = image_command(commands, "saliency", "gradient saliency: vanilla, SmoothGrad, Integrated Gradients",
                              cmd_saliency)
-    saliency.add_argument("--method", default="vanilla", choices=["vanilla", "smoothgrad", "integrated_gradients"])
-    saliency.add_argument("--samples", type=int, default=0, help="SmoothGrad samples (default 25)")
-    saliency.add_argument("--noise", type=float, default=0.0, help="SmoothGrad noise, fraction of the range (0.15)")
-    saliency.add_argument("--steps", type=int, default=0, help="Integrated Gradients steps (default 50)")
+    saliency.add_argument("--method", default="vanilla", choices=["vanilla", "smoothgrad", "integrated_gradients"],
+                          help="saliency method")
+    saliency.add_argument("--samples", type=int, default=0, help="SmoothGrad samples (default: 0 = the server's 25)")
+    saliency.add_argument("--noise", type=float, default=0.0, help="SmoothGrad noise as a fraction of the input "
+                          "range (default: 0 = the server's 0.15)")
+    saliency.add_argument("--steps", type=int, default=0, help="Integrated Gradients steps (default: 0 = the "
+                          "server's 50)")
     saliency.add_argument("--segment", action="store_true", help="also a GrabCut segmentation seeded by the map")
 
     for name, text in (("guided", "guided backpropagation"), ("deconvnet", "DeconvNet reconstruction")):
         sub = image_command(commands, name, f"{text} of a class score or one channel", cmd_backprop)
-        sub.add_argument("--layer", default=None, help="explain this layer's channel instead of a class")
-        sub.add_argument("--channel", type=int, default=0)
+        sub.add_argument("--layer", default=None, help="explain this layer's channel instead of a class "
+                         "(default: the class score)")
+        sub.add_argument("--channel", type=int, default=0, help="the channel of --layer to explain")
 
     cam = image_command(commands, "cam", "class activation maps: Grad-CAM, Grad-CAM++, CAM, Guided Grad-CAM",
                         cmd_cam)
-    cam.add_argument("--layer", default=None, help="a spatial tensor (CAM: may be left out)")
-    cam.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "cam", "guided_gradcam"])
+    cam.add_argument("--layer", default=None, help="a spatial tensor, e.g. the last activation (CAM: may be left "
+                     "out; default: the server's choice)")
+    cam.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "cam", "guided_gradcam"],
+                     help="CAM variant")
 
-    def synthesis_command(name, help, run, image=True):
-        sub = commands.add_parser(name, help=help)
-        sub.add_argument("model")
+    sanity = image_command(commands, "sanity", "sanity check of saliency methods (cascading randomisation)",
+                           cmd_sanity)
+    sanity.add_argument("--method", action="append", choices=["vanilla", "integrated_gradients", "guided_backprop",
+                                                              "gradcam"],
+                        help="methods to check (repeatable; default: all four)")
+    sanity.add_argument("--cam-layer", default=None, help="Grad-CAM's layer (default: the last spatial one)")
+    sanity.add_argument("--layers", type=int, default=0, help="randomise at most this many layers (0: all)")
+    sanity.add_argument("--seed", type=int, default=0, help="random seed of the re-initialisation")
+
+    def synthesis_command(name, help, run, image=True, steps=200):
+        sub = _parser(commands, name, help, run)
+        sub.add_argument("model", help="model name (see `convscope models`)")
         if image:
-            sub.add_argument("image")
-        sub.add_argument("--steps", type=int, default=0, help="optimisation steps (default per technique)")
-        sub.add_argument("--lr", type=float, default=0.0, help="learning rate (default per technique)")
-        sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--out", type=Path, default=None, help="output folder (default convscope-out/COMMAND)")
-        sub.set_defaults(run=run)
+            sub.add_argument("image", help="the image file to start from")
+        sub.add_argument("--steps", type=int, default=0, help=f"optimisation steps (default: 0 = the server's {steps})")
+        sub.add_argument("--lr", type=float, default=0.0, help="learning rate (default: 0 = the server's per "
+                         "technique)")
+        sub.add_argument("--seed", type=int, default=0, help="random seed (same seed, same picture)")
+        sub.add_argument("--out", type=Path, default=None, help=OUT_HELP)
         return sub
 
     classvis = synthesis_command("classvis", "class or feature visualisation by gradient ascent", cmd_classvis,
                                  image=False)
-    classvis.add_argument("--target", type=int, default=None, help="a class to visualise")
-    classvis.add_argument("--layer", default=None, help="or a layer's channel")
-    classvis.add_argument("--channel", type=int, default=0)
-    classvis.add_argument("--jitter", type=int, default=4)
-    classvis.add_argument("--blur-every", type=int, default=4)
-    classvis.add_argument("--decay", type=float, default=0.001)
-    classvis.add_argument("--l2", type=float, default=0.0)
+    classvis.add_argument("--target", type=target_value, default=None, help="a class to visualise: index or name "
+                          "(or --layer)")
+    classvis.add_argument("--layer", default=None, help="or a layer whose --channel to visualise")
+    classvis.add_argument("--channel", type=int, default=0, help="channel of --layer")
+    classvis.add_argument("--jitter", type=int, default=4, help="random shift in pixels before each step")
+    classvis.add_argument("--blur-every", type=int, default=4, help="blur the image every N steps (0: never)")
+    classvis.add_argument("--decay", type=float, default=0.001, help="weight decay: shrink the image each step")
+    classvis.add_argument("--l2", type=float, default=0.0, help="L2 penalty on the image")
 
     invert = synthesis_command("invert", "reconstruct an image from its code at layers", cmd_invert)
-    invert.add_argument("--layer", action="append", required=True, help="repeatable: one picture per layer")
-    invert.add_argument("--tv-weight", type=float, default=0.0)
+    invert.add_argument("--layer", action="append", required=True, help="repeatable: one reconstruction per layer "
+                        "(required)")
+    invert.add_argument("--tv-weight", type=float, default=0.0, help="total-variation weight (default: 0 = the "
+                        "server's)")
 
-    deepdream = synthesis_command("deepdream", "amplify what a layer sees", cmd_deepdream)
-    deepdream.add_argument("--layer", required=True)
-    deepdream.add_argument("--octaves", type=int, default=0)
+    deepdream = synthesis_command("deepdream", "amplify what a layer sees", cmd_deepdream, steps=10)
+    deepdream.add_argument("--layer", required=True, help="the layer whose activations to amplify (required)")
+    deepdream.add_argument("--octaves", type=int, default=0, help="image scales, smallest first (default: 0 = the "
+                           "server's 3)")
 
-    style = synthesis_command("style", "style transfer or texture synthesis (Gatys et al.)", cmd_style, image=False)
-    style.add_argument("--style", required=True, help="the style (or texture) image")
-    style.add_argument("--content", default=None, help="the content image (leave out for a texture)")
-    style.add_argument("--style-layer", action="append", required=True, help="repeatable")
-    style.add_argument("--content-layer", default=None)
-    style.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"])
-    style.add_argument("--height", type=int, default=0)
-    style.add_argument("--width", type=int, default=0)
+    style = synthesis_command("style", "style transfer or texture synthesis (Gatys et al.)", cmd_style, image=False,
+                              steps=300)
+    style.add_argument("--style", required=True, help="the style (or texture) image (required)")
+    style.add_argument("--content", default=None, help="the content image (default: none, texture synthesis)")
+    style.add_argument("--style-layer", action="append", required=True, help="layer whose Gram matrix to match "
+                       "(repeatable; required)")
+    style.add_argument("--content-layer", default=None, help="layer whose code to match (default: the server's)")
+    style.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"], help="optimiser")
+    style.add_argument("--height", type=int, default=0, help="result height (default: 0 = the model's)")
+    style.add_argument("--width", type=int, default=0, help="result width (default: 0 = the model's)")
 
-    adv = image_command(commands, "adversarial", "FGSM, or targeted fooling with --target", cmd_adversarial)
-    adv.add_argument("--epsilon", type=float, default=0.0, help="L-inf size in [0, 1] pixel units")
-    adv.add_argument("--steps", type=int, default=0, help="targeted: most steps (default 100)")
+    adv = image_command(commands, "adversarial", "FGSM, or targeted fooling with --target", cmd_adversarial,
+                        target_help="fool the model towards this class (default: FGSM away from the predicted class)")
+    adv.add_argument("--epsilon", type=float, default=0.0, help="largest change per pixel in [0, 1] units "
+                     "(default: 0 = the server's)")
+    adv.add_argument("--steps", type=int, default=0, help="targeted: most steps (default: 0 = the server's 100)")
 
-    from convscope.dataset_cli import add_commands  # it imports this module's helpers
-
-    add_commands(commands)
+    add_commands(commands, _parser)
     return parser
 
 
@@ -518,10 +688,10 @@ def _token(args) -> str | None:
     if args.token_file is None:
         return args.token
     if args.token:
-        raise ValueError("--token-file: a token is also given by --token or CONVSCOPE_TOKEN; use one")
+        raise CliError("--token-file: a token is also given by --token or CONVSCOPE_TOKEN; use one", 2)
     lines = Path(args.token_file).read_text().splitlines()
     if not lines or not lines[0].strip():
-        raise ValueError(f"--token-file: {str(args.token_file)!r} is empty")
+        raise CliError(f"--token-file: {str(args.token_file)!r} is empty", 2)
     return lines[0].strip()
 
 
@@ -529,25 +699,26 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "out") and args.out is None:
         args.out = Path("convscope-out") / args.command
-    tls = True if args.tls == "system" else args.tls
-    try:  # connection flags: inconsistent ones or unreadable files end here, before any call
+    try:
+        if hasattr(args, "out"):
+            figures.require()  # before any server work
+        tls = True if args.tls == "system" else args.tls
         client = Client(args.server, token=_token(args), tls=tls, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         timeout=args.timeout)
-    except (ValueError, TypeError, OSError) as error:
+    except ImportError as error:
         print(f"convscope: {error}", file=sys.stderr)
-        return 2
+        return 1
+    except (ValueError, TypeError, OSError, CliError) as error:  # connection flags: inconsistent or unreadable
+        code = report(error, args.server)
+        return 2 if code == 4 else code
     try:
         with client:
             return args.run(client, args)
-    except ConvscopeError as error:
-        print(f"convscope: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("convscope: interrupted (the server stops the job)", file=sys.stderr)
         return 130
-    except OSError as error:
-        print(f"convscope: {error}", file=sys.stderr)
-        return 2
+    except (CliError, ConvscopeError, OSError, ValueError, TypeError, ImportError) as error:
+        return report(error, args.server)  # in CLI terms, with its exit code
 
 
 if __name__ == "__main__":
