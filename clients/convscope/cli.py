@@ -18,6 +18,8 @@
     convscope style efficientnet_lite0 --style starry.jpg --content cat.jpg --style-layer L ... --out out/
     convscope adversarial efficientnet_lite0 cat.jpg [--target 967] --out out/
     convscope datasets | patches | gallery | neighbors | embed ...   (see convscope.dataset_cli)
+    convscope audit efficientnet_lite0 --dataset demo --out report/ --fail-if 'accuracy < 0.7'
+    convscope audits list | show NAME | delete NAME                   (see convscope.audit_cli)
 
 Commands with --out write figures (PNG), animations (GIF), an index.html that explains them and page.json;
 long jobs show a progress bar. Figures need matplotlib: pip install convscope[cli].
@@ -38,6 +40,7 @@ from convscope.cli_common import (EXIT_CODES_HELP, CliError, HelpFormatter, load
                                   table, with_progress)
 from convscope.client import DEFAULT_TARGET, Client
 from convscope.errors import ConvscopeError
+from convscope.audit_cli import add_commands as add_audit_commands
 from convscope.dataset_cli import add_commands
 from convscope.pages import Page
 
@@ -680,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--steps", type=int, default=0, help="targeted: most steps (default: 0 = the server's 100)")
 
     add_commands(commands, _parser)
+    add_audit_commands(commands, _parser)
     return parser
 
 

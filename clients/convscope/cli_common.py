@@ -25,6 +25,7 @@ EXIT_CODES_HELP = """exit codes:
   3  not found: an unknown model, layer or gallery, or a missing local file
   4  invalid input: a bad flag value, or an image file that cannot be read
   5  the server cannot be reached (address, CONVSCOPE_SERVER, is convscope-server running?)
+  6  an audit's --fail-if condition holds
 """
 
 # Request fields the server names in its messages -> the CLI flags that set them (where the mapping is clear).

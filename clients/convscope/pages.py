@@ -23,6 +23,7 @@ figure img{width:100%;height:auto;display:block}
 figcaption{font-size:95%;line-height:1.4;margin-top:.6em}
 figcaption b{display:block;margin-bottom:.2em}
 .files{font-size:90%;color:#555}
+table{border-collapse:collapse;margin-top:.5em;font-size:95%}td,th{padding:.2em .8em;border-bottom:1px solid #eee;text-align:left}
 """
 
 
@@ -47,6 +48,11 @@ class Page:
         """A :class:`convscope.figures.Picture` (PNG bytes and the numbers it drew)."""
         return self.image(name, picture.png, caption, look_for, picture.info, wide)
 
+    def table(self, title: str, headers: list[str], rows: list[list], caption: str = "") -> None:
+        """A table among the figures (a model card, a list of images), full width."""
+        self.figures.append({"table": title, "headers": headers, "rows": [[str(c) for c in r] for r in rows],
+                             "caption": caption, "look_for": "", "info": {}, "wide": True, "file": ""})
+
     def file(self, name: str, data: bytes | str) -> None:
         """A data file written beside the page (JSON, CSV), linked at the bottom."""
         self.files[name] = data.encode() if isinstance(data, str) else data
@@ -57,7 +63,7 @@ class Page:
             (self.out / name).write_bytes(data)
         command = "convscope " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         figures = "\n".join(self._figure(f) for f in self.figures)
-        extra = [n for n in self.files if n not in {f["file"] for f in self.figures}]
+        extra = [n for n in self.files if n not in {f["file"] for f in self.figures}]  # data files, linked
         links = ("<p class=files>Data: " + ", ".join(f'<a href="{html.escape(n)}">{html.escape(n)}</a>'
                                                       for n in extra) + "</p>") if extra else ""
         model = f"<p>Model: <b>{html.escape(self.model)}</b></p>" if self.model else ""
@@ -78,6 +84,13 @@ class Page:
 
     @staticmethod
     def _figure(f: dict) -> str:
+        if "table" in f:
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in f["headers"]) if any(f["headers"]) else ""
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in f["rows"])
+            empty = "" if f["rows"] else "<p>none</p>"
+            return (f"<figure class=wide><b>{html.escape(f['table'])}</b><table>"
+                    f"{'<tr>' + head + '</tr>' if head else ''}{body}</table>{empty}"
+                    f"<figcaption>{html.escape(f['caption'])}</figcaption></figure>")
         look = f"<br>Look for: {html.escape(f['look_for'])}" if f["look_for"] else ""
         return (f'<figure{" class=wide" if f["wide"] else ""}><img src="{html.escape(f["file"])}" '
                 f'alt="{html.escape(f["caption"])}" loading=lazy>'

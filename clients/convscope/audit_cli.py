@@ -1,0 +1,313 @@
+"""The audit commands of the convscope CLI: run an audit and write its report as a static site, list,
+show or delete stored audits, and a verdict for CI.
+
+    convscope audit efficientnet_lite0 --dataset demo --name lite0-demo --out report/
+    convscope audit efficientnet_lite0 my_photos/ --label-map labels.json --fail-if 'accuracy < 0.7'
+    convscope audits list | convscope audits show lite0-demo --out report/ | convscope audits delete lite0-demo
+
+The site (index.html, its PNGs, audit.json) needs no server to read. ``--fail-if 'METRIC OP NUMBER'``
+(repeatable) exits 6 when any condition holds; the metrics are listed by ``convscope audits show NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+import sys
+from pathlib import Path
+
+from convscope import figures
+from convscope.cli_common import CliError, table, with_progress
+from convscope.client import Client
+from convscope.dataset_cli import _source
+from convscope.pages import Page
+
+EXIT_VERDICT = 6
+OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
+             "!=": operator.ne}
+CONDITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
+
+
+def metrics(report: dict) -> dict[str, float]:
+    """The numbers --fail-if can test, from audit.json."""
+    classes, units = report.get("classes", {}), report.get("units", {})
+    found = {"images": report.get("dataset", {}).get("images", 0),
+             "skipped": len(report.get("dataset", {}).get("skipped", [])),
+             "labelled": classes.get("labelled", 0),
+             "dead_units": sum(len(u["dead"]) for u in units.values()),
+             "saturating_units": sum(len(u["saturating"]) for u in units.values()),
+             "latency_ms": report.get("model", {}).get("timing", {}).get("latency_ms", 0.0)}
+    if "accuracy" in classes:
+        found.update(accuracy=classes["accuracy"], top5_accuracy=classes.get("top5_accuracy", 0.0),
+                     ece=classes["calibration"]["ece"])
+    methods = report.get("faithfulness", {}).get("methods", {})
+    found["faithful_methods"] = sum(1 for m in methods.values() if m.get("faithful"))
+    corruptions = report.get("robustness", {}).get("corruptions") or {}
+    accuracies = [row["accuracy"] for kind, rows in corruptions.items() if kind != "clean" for row in rows]
+    if accuracies:
+        found["worst_corruption_accuracy"] = min(accuracies)
+    fgsm = report.get("robustness", {}).get("fgsm", {})
+    if fgsm.get("accuracy"):
+        found["fgsm_accuracy"] = fgsm["accuracy"][-1]  # at the largest epsilon
+    return found
+
+
+def verdict(report: dict, conditions: list[str]) -> list[str]:
+    """The conditions that hold (each 'METRIC OP NUMBER'); an unknown metric or malformed condition is an
+    error naming the metrics there are."""
+    values, failed = metrics(report), []
+    for condition in conditions:
+        match = CONDITION.match(condition)
+        if not match:
+            raise CliError(f"--fail-if: {condition!r} is not 'METRIC OP NUMBER' (e.g. 'accuracy < 0.7')", 2)
+        name, op, number = match.groups()
+        if name not in values:
+            raise CliError(f"--fail-if: no metric {name!r} in this audit; there are {sorted(values)}", 2)
+        if OPERATORS[op](values[name], float(number)):
+            failed.append(f"{condition} (it is {values[name]:.4g})")
+    return failed
+
+
+# -- the site -------------------------------------------------------------------------------------------
+
+@figures._styled
+def _reliability(calibration: dict) -> figures.Picture:
+    fig = figures._new(6, 5)
+    ax = fig.add_subplot()
+    bins = calibration["bins"]
+    centres = [(b["low"] + b["high"]) / 2 for b in bins]
+    width = bins[0]["high"] - bins[0]["low"]
+    accuracy = [b["accuracy"] if b["accuracy"] is not None else 0 for b in bins]
+    ax.bar(centres, accuracy, width=width * 0.9, color="#4c72b0", label="accuracy of the predictions in the bin")
+    ax.plot([0, 1], [0, 1], "--", color="#c44e52", label="perfect calibration")
+    for centre, b in zip(centres, bins):
+        if b["images"]:
+            ax.text(centre, 0.02, str(b["images"]), ha="center", fontsize=8, color="white")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
+           title=f"Reliability (ECE {calibration['ece']:.3f}; numbers: images per bin)")
+    ax.legend(loc="upper left")
+    return figures._save(fig, {"ece": calibration["ece"]})
+
+
+@figures._styled
+def _curves(methods: dict) -> figures.Picture:
+    fig = figures._new(11, 4.5)
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for name, numbers in methods.items():
+            curves = [row[kind] for row in numbers["per_image"]]
+            steps = len(curves[0])
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(steps)]
+            style = ":" if name == "random" else "-"
+            ax.plot([i / (steps - 1) for i in range(steps)], mean, style,
+                    label=f"{name} (AUC {numbers[kind + '_auc']:.3f})")
+        ax.set(xlabel=f"fraction of pixels {'removed' if kind == 'deletion' else 'restored'}, most important first",
+               ylabel="target probability (mean over images)", title=kind.capitalize() + " (RISE)",
+               ylim=(0, None))
+        ax.legend(fontsize=9)
+    return figures._save(fig)
+
+
+@figures._styled
+def _robustness(section: dict) -> figures.Picture:
+    fig = figures._new(11, 4.5)
+    axes = fig.subplots(1, 2)
+    corruptions = section.get("corruptions") or {}
+    for kind, rows in corruptions.items():
+        if kind == "clean":
+            continue
+        strengths = ", ".join(f"{row['strength']:g}" for row in rows)
+        axes[0].plot(range(len(rows) + 1), [corruptions["clean"]] + [r["accuracy"] for r in rows], "o-",
+                     label=f"{kind} ({strengths})")
+    axes[0].set(xlabel="strength (0: clean, then the levels in the legend)", ylabel="accuracy", ylim=(0, 1.02),
+                title="Common corruptions")
+    axes[0].legend(fontsize=9)
+    fgsm = section.get("fgsm", {})
+    if fgsm.get("accuracy"):
+        axes[1].plot([e * 255 for e in fgsm["epsilons"]], fgsm["accuracy"], "o-", color="#c44e52")
+        axes[1].set(xlabel="FGSM epsilon (pixel levels of 255)", ylabel="accuracy", ylim=(0, 1.02),
+                    title="Adversarial (FGSM)")
+    else:
+        axes[1].text(0.5, 0.5, "FGSM: " + fgsm.get("unavailable", "not run"), ha="center", va="center", wrap=True)
+        figures._blank(axes[1])
+    return figures._save(fig)
+
+
+@figures._styled
+def _units(units: dict) -> figures.Picture:
+    fig = figures._new(11, 2.6 * max(1, len(units)))
+    axes = fig.subplots(max(1, len(units)), 1, squeeze=False)[:, 0]
+    for ax, (name, numbers) in zip(axes, units.items()):
+        means = numbers["mean"]
+        order = sorted(range(len(means)), key=lambda c: -means[c])
+        dead = set(numbers["dead"])
+        ax.bar(range(len(order)), [means[c] for c in order],
+               color=["#c44e52" if c in dead else "#4c72b0" for c in order], width=1.0)
+        ax.set(title=f"{name}: {len(dead)} dead (red), {len(numbers['saturating'])} saturating of "
+                     f"{numbers['channels']} channels", xlabel="channels, by mean activation", ylabel="mean")
+    return figures._save(fig)
+
+
+def write_site(report: dict, out: Path, name: str) -> Path:
+    """index.html with the report's figures and tables, its PNGs and audit.json, under ``out``."""
+    model = report["model"]
+    page = Page(out, f"Audit {name}: {model['name']}", model["name"],
+                f"{report['dataset']['images']} images from {report['dataset'].get('source', '?')}, "
+                f"{len(report['dataset']['skipped'])} skipped; audited {report.get('created', '')}. Every number "
+                "below comes from the server's techniques on this model; audit.json holds them all.")
+    timing = model.get("timing", {})
+    card = [["parameters", f"{model['parameters']:,}"], ["multiply-accumulates per image", f"{model['macs']:,}"],
+            ["input", f"{model['input']['height']}x{model['input']['width']} {model['input']['layout']}, "
+                      f"mean {model['input']['mean']}, std {model['input']['std']}, {model['input']['resize']}"],
+            ["guessed settings", ", ".join(model["input"]["guessed"]) or "none"],
+            ["latency (1 image)", f"{timing.get('latency_ms', 0):.1f} ms on {timing.get('provider', '?')}"],
+            ["throughput", f"{timing.get('throughput_images_per_s', 0):.0f} images/s at batch {timing.get('batch')}"],
+            ["producer / opset", f"{model['producer']} / {model['opset']}"]]
+    page.table("model card", ["", ""], card, "what the graph holds and how fast it runs on this server")
+    page.table("costliest layers", ["layer", "op", "multiply-accumulates", "share"],
+               [[c["layer"], c["op"], f"{c['macs']:,}", f"{c['share']:.1%}"] for c in model["costliest"]],
+               "where the compute goes")
+    classes = report["classes"]
+    if classes.get("labelled"):
+        page.table("classes", ["", ""], [["labelled images", classes["labelled"]],
+                                         ["accuracy", f"{classes['accuracy']:.3f}"],
+                                         ["top-5 accuracy", f"{classes['top5_accuracy']:.3f}"],
+                                         ["expected calibration error", f"{classes['calibration']['ece']:.3f}"],
+                                         ["labels not mapped to classes", ", ".join(classes["unmapped_labels"])
+                                          or "none"]], "accuracy over the images whose label maps to the model's classes")
+        page.figure("reliability.png", _reliability(classes["calibration"]),
+                    "reliability diagram: accuracy per confidence bin",
+                    "bars below the diagonal: the model is over-confident at that confidence")
+        page.table("confusions", ["true", "predicted", "images"],
+                   [[f"{c['true']} {c['true_name']}", f"{c['predicted']} {c['predicted_name']}", c["images"]]
+                    for c in classes["confusions"]], "the most frequent mistakes")
+        page.table("worst-classified images", ["image", "label", "p(label)", "predicted"],
+                   [[w["id"], w["label"], f"{w['true_probability']:.3f}", f"{w['predicted']} {w['predicted_name']}"]
+                    for w in classes["worst"]], "where the model is most wrong: inspect these first")
+    else:
+        page.table("predictions", ["class", "images"], [[f"{p['class']} {p['name']}", p["images"]]
+                                                       for p in classes["predicted"][:20]],
+                   "no label maps to the model's classes: the distribution of predicted classes")
+    if report["units"]:
+        page.figure("units.png", _units(report["units"]), "units: mean activation per channel over the dataset",
+                    "dead channels (never active on any image) waste capacity; a long flat tail means few units "
+                    "do the work", wide=True)
+    faithful = report["faithfulness"]
+    if faithful["methods"]:
+        page.figure("faithfulness.png", _curves(faithful["methods"]),
+                    f"attribution faithfulness on {faithful['images']} images: deletion and insertion curves",
+                    "a method to trust makes the probability fall faster than random when its top pixels are removed "
+                    "(small deletion AUC) and rise faster when they are restored (large insertion AUC)", wide=True)
+        page.table("which attribution methods to trust", ["method", "deletion AUC", "insertion AUC", "verdict"],
+                   [[m, f"{v['deletion_auc']:.3f}", f"{v['insertion_auc']:.3f}",
+                     "baseline" if m == "random" else "beats random" if v["faithful"] else "no better than random"]
+                    for m, v in faithful["methods"].items()]
+                   + [[m, "", "", f"not run: {reason}"] for m, reason in faithful["unavailable"].items()],
+                   "a method beats random when its insertion AUC minus its deletion AUC is larger than the random "
+                   "ordering's: its top pixels carry the evidence")
+    if report["robustness"].get("images"):
+        page.figure("robustness.png", _robustness(report["robustness"]),
+                    f"robustness on {report['robustness']['images']} images (against "
+                    f"{report['robustness']['against']})", "how fast accuracy falls with each corruption and "
+                    "with adversarial perturbations", wide=True)
+    dataset = report["dataset"]
+    page.table("near-duplicate pairs", ["image", "image", "code distance"],
+               [[p["first"], p["second"], f"{p['distance']:.4g}"] for p in dataset["near_duplicates"]],
+               "images the network sees as the same: duplicates can leak between splits")
+    page.table("outliers", ["image", "mean distance to 5 nearest"],
+               [[o["id"], f"{o['mean_distance']:.4g}"] for o in dataset["outliers"]],
+               "images unlike the rest: mislabelled, corrupt or out of distribution?")
+    page.file("audit.json", json.dumps(report, indent=1))
+    return page.write()
+
+
+# -- commands -------------------------------------------------------------------------------------------
+
+def _label_map(path) -> dict | None:
+    if path is None:
+        return None
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise CliError(f"--label-map: {path}: {error}", 4) from None
+    if not isinstance(mapping, dict):
+        raise CliError(f"--label-map: {path} must hold a JSON object: label -> class index or list of indices", 4)
+    return mapping
+
+
+def _finish(report: dict, name: str, args) -> int:
+    if args.out:
+        write_site(report, args.out, name)
+    found = metrics(report)
+    print(table(["metric", "value"], [[k, f"{v:.4g}" if isinstance(v, float) else v] for k, v in found.items()],
+                right={1}))
+    failed = verdict(report, args.fail_if or [])
+    for condition in failed:
+        print(f"convscope: audit {name}: failed {condition}", file=sys.stderr)
+    return EXIT_VERDICT if failed else 0
+
+
+def cmd_audit(client: Client, args) -> int:
+    name = args.name or f"{args.model}-audit"
+    for condition in args.fail_if or []:
+        if not CONDITION.match(condition):
+            raise CliError(f"--fail-if: {condition!r} is not 'METRIC OP NUMBER' (e.g. 'accuracy < 0.7')", 2)
+    source = _source(args)
+    info = with_progress("auditing", lambda bar: client.run_audit(
+        name, args.model, limit=args.limit, label_map=_label_map(args.label_map), overwrite=args.overwrite,
+        unit_layers=args.unit_layers, attribution_images=args.attribution_images, curve_steps=args.curve_steps,
+        robustness_images=args.robustness_images, methods=args.method or (), progress=bar, **source))
+    print(f"audit {info.name}: {info.images} images, {info.labelled} labelled"
+          + (f", accuracy {info.accuracy:.3f}" if info.labelled else ""))
+    return _finish(client.audit(info.name), info.name, args)
+
+
+def cmd_audits(client: Client, args) -> int:
+    if args.action == "list":
+        rows = [[a.name, a.model, a.images, a.labelled, f"{a.accuracy:.3f}" if a.labelled else "", a.created]
+                for a in client.audits()]
+        print(table(["name", "model", "images", "labelled", "accuracy", "created"], rows, right={2, 3, 4}))
+        return 0
+    if not args.name:
+        raise CliError(f"audits {args.action}: give the audit NAME", 2)
+    if args.action == "delete":
+        client.delete_audit(args.name)
+        print(f"deleted {args.name}")
+        return 0
+    return _finish(client.audit(args.name), args.name, args)
+
+
+def add_commands(commands, parser) -> None:
+    """The audit commands; ``parser(commands, name, help, run)`` makes a subcommand in the CLI's style."""
+    def verdict_flags(sub):
+        sub.add_argument("--fail-if", action="append", metavar="'METRIC OP NUMBER'",
+                         help="exit 6 when the condition holds, e.g. 'accuracy < 0.7' or 'ece > 0.1' (repeatable; "
+                         "metrics: accuracy, top5_accuracy, ece, dead_units, saturating_units, faithful_methods, "
+                         "worst_corruption_accuracy, fgsm_accuracy, latency_ms, images, labelled, skipped)")
+        sub.add_argument("--out", type=Path, default=None, help="folder for the report site (default: "
+                         "convscope-out/COMMAND)")
+
+    audit = parser(commands, "audit", "audit a model over a dataset: one job, a report site and a verdict", cmd_audit)
+    audit.add_argument("model", help="model name (see `convscope models`)")
+    audit.add_argument("images", nargs="*", help="local image files or folders (a folder's sub-folders are labels)")
+    audit.add_argument("--dataset", default="", help="or a dataset folder under the server's data root")
+    audit.add_argument("--limit", type=int, default=0, help="audit at most this many images (0: all)")
+    audit.add_argument("--name", default="", help="name the report is stored under (default: MODEL-audit)")
+    audit.add_argument("--overwrite", action="store_true", help="replace a stored audit of the same name")
+    audit.add_argument("--label-map", default=None, help="JSON file: dataset label -> class index or list of "
+                       "indices (default: labels match class names or numbers)")
+    audit.add_argument("--unit-layers", type=int, default=0, help="layers with unit statistics (0: the server's 4)")
+    audit.add_argument("--attribution-images", type=int, default=0, help="images for the faithfulness curves "
+                       "(0: the server's 8)")
+    audit.add_argument("--curve-steps", type=int, default=0, help="steps per deletion / insertion curve (0: 16)")
+    audit.add_argument("--robustness-images", type=int, default=0, help="images for robustness (0: the server's 64)")
+    audit.add_argument("--method", action="append", choices=["vanilla", "integrated_gradients", "gradcam",
+                                                             "occlusion"],
+                       help="attribution methods to check (repeatable; default: all four)")
+    verdict_flags(audit)
+
+    audits = parser(commands, "audits", "list, show (site and verdict) or delete stored audits", cmd_audits)
+    audits.add_argument("action", choices=["list", "show", "delete"], help="what to do")
+    audits.add_argument("name", nargs="?", default="", help="audit name (show, delete)")
+    verdict_flags(audits)

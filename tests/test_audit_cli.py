@@ -1,0 +1,51 @@
+"""`convscope audit` / `convscope audits` through the real CLI and server: the report site (tables,
+figures, audit.json equal to the stored report), the --fail-if verdict and its exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from convscope import Client
+from conftest import start
+
+
+@pytest.fixture(scope="module")
+def audit_server(repository, data_root, tmp_path_factory):
+    running = start(repository, data_root=data_root, audit_root=tmp_path_factory.mktemp("audits"))
+    yield running
+    running.stop(0)
+
+
+def test_audit_writes_a_site_and_gives_a_verdict(audit_server, tmp_path, capsys):
+    from convscope.cli import main
+
+    (tmp_path / "map.json").write_text(json.dumps({"astronaut": [834, 817], "brick": 0}))  # the first 8 images
+    base = ["--server", audit_server.address]
+    out = tmp_path / "site"
+    code = main(base + ["audit", "efficientnet_lite0", "--dataset", "demo", "--limit", "8", "--name", "lite0",
+                        "--label-map", str(tmp_path / "map.json"), "--unit-layers", "1", "--attribution-images", "1",
+                        "--curve-steps", "2", "--robustness-images", "2", "--method", "occlusion",
+                        "--out", str(out), "--fail-if", "accuracy > 2"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "audit lite0: 8 images" in printed and "dead_units" in printed
+    page = (out / "index.html").read_text()
+    for heading in ("model card", "costliest layers", "which attribution methods to trust", "near-duplicate pairs"):
+        assert heading in page
+    with Client(audit_server.address) as client:
+        assert json.loads((out / "audit.json").read_text()) == client.audit("lite0")
+    figures = json.loads((out / "page.json").read_text())["figures"]
+    pictures = [f["file"] for f in figures if f["file"]]
+    assert {"units.png", "faithfulness.png", "robustness.png"} <= set(pictures)
+    assert all((out / name).stat().st_size > 1000 for name in pictures)
+
+    assert main(base + ["audits", "show", "lite0", "--out", str(tmp_path / "again"), "--fail-if", "images < 100"]) == 6
+    assert "failed images < 100 (it is 8)" in capsys.readouterr().err
+    assert main(base + ["audits", "list"]) == 0 and "lite0" in capsys.readouterr().out
+    assert main(base + ["audits", "show", "lite0", "--fail-if", "accuracy >> 1"]) == 2
+    assert main(base + ["audits", "show", "lite0", "--fail-if", "happiness < 1"]) == 2
+    assert "no metric 'happiness'" in capsys.readouterr().err
+    assert main(base + ["audits", "delete", "lite0"]) == 0
+    assert main(base + ["audits", "show", "lite0"]) == 3
