@@ -44,8 +44,10 @@ def test_audit_writes_a_site_and_gives_a_verdict(audit_server, tmp_path, capsys)
     assert main(base + ["audits", "show", "lite0", "--out", str(tmp_path / "again"), "--fail-if", "images < 100"]) == 6
     assert "failed images < 100 (it is 8)" in capsys.readouterr().err
     assert main(base + ["audits", "list"]) == 0 and "lite0" in capsys.readouterr().out
-    assert main(base + ["audits", "show", "lite0", "--fail-if", "accuracy >> 1"]) == 2
-    assert main(base + ["audits", "show", "lite0", "--fail-if", "happiness < 1"]) == 2
+    refused = tmp_path / "refused"
+    assert main(base + ["audits", "show", "lite0", "--out", str(refused), "--fail-if", "accuracy >> 1"]) == 2
+    assert main(base + ["audits", "show", "lite0", "--out", str(refused), "--fail-if", "happiness < 1"]) == 2
     assert "no metric 'happiness'" in capsys.readouterr().err
+    assert not refused.exists()  # a malformed condition writes nothing
     assert main(base + ["audits", "delete", "lite0"]) == 0
-    assert main(base + ["audits", "show", "lite0"]) == 3
+    assert main(base + ["audits", "show", "lite0", "--out", str(refused)]) == 3

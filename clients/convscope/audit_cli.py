@@ -237,12 +237,12 @@ def _label_map(path) -> dict | None:
 
 
 def _finish(report: dict, name: str, args) -> int:
+    failed = verdict(report, args.fail_if or [])  # a malformed condition stops here, before anything is written
     if args.out:
         write_site(report, args.out, name)
     found = metrics(report)
     print(table(["metric", "value"], [[k, f"{v:.4g}" if isinstance(v, float) else v] for k, v in found.items()],
                 right={1}))
-    failed = verdict(report, args.fail_if or [])
     for condition in failed:
         print(f"convscope: audit {name}: failed {condition}", file=sys.stderr)
     return EXIT_VERDICT if failed else 0
