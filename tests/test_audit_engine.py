@@ -47,7 +47,8 @@ def audited(tmp_path_factory):
 
 def test_every_section_is_there_and_json_ready(audited):
     *_, report, _ = audited
-    assert set(report) == {"model", "dataset", "classes", "units", "faithfulness", "robustness"}
+    assert set(report) == {"model", "dataset", "classes", "units", "faithfulness", "robustness", "stage_seconds"}
+    assert list(report["stage_seconds"]) == ["model card", "scanning", "sections", "faithfulness", "robustness"]
     json.dumps(report, allow_nan=False)  # strict JSON: no NaN or infinity anywhere
     assert report["model"]["parameters"] > 0 and report["model"]["timing"]["latency_ms"] > 0
     assert report["dataset"]["images"] == 12 and len(report["units"]) == 2

@@ -149,8 +149,8 @@ def browser(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def pages(browser, server, tmp_path_factory, chelsea) -> dict[str, list[Path]]:
     """Pages written by the real CLI against the test server, by command: pictures of a conv layer's weights,
-    an occlusion map (coarse window), a saliency map, a feature inversion (a GIF) and the top patches of
-    the demo dataset."""
+    an occlusion map (coarse window), a saliency map, a feature inversion (a GIF), the top patches of the
+    demo dataset and an audit's report site."""
     base = tmp_path_factory.mktemp("pages")
     image = base / "chelsea.png"
     image.write_bytes(png_bytes(chelsea))
@@ -160,6 +160,8 @@ def pages(browser, server, tmp_path_factory, chelsea) -> dict[str, list[Path]]:
         "saliency": ["saliency", "efficientnet_lite0", str(image)],
         "invert": ["invert", "tiny", str(image), "--layer", "/conv1/Conv_output_0", "--steps", "10"],
         "patches": ["patches", "efficientnet_lite0", "/_blocks.5/Clip_1_output_0", "--dataset", "demo", "--k", "4"],
+        "audit": ["audit", "tiny", "--dataset", "demo", "--limit", "8", "--name", "browser", "--overwrite",
+                  "--unit-layers", "1", "--attribution-images", "1", "--curve-steps", "2", "--robustness-images", "2"],
     }
 
     def run(name):
@@ -176,7 +178,7 @@ def pages(browser, server, tmp_path_factory, chelsea) -> dict[str, list[Path]]:
     return written
 
 
-@pytest.mark.parametrize("command", ["filters", "occlusion", "saliency", "invert", "patches"])
+@pytest.mark.parametrize("command", ["filters", "occlusion", "saliency", "invert", "patches", "audit"])
 def test_page_images_load_in_a_real_browser(pages, command, tmp_path):
     for n, page in enumerate(pages[command]):
         assert_page_renders(page, tmp_path / f"page{n}")

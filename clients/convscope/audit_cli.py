@@ -164,6 +164,9 @@ def write_site(report: dict, out: Path, name: str) -> Path:
             ["latency (1 image)", f"{timing.get('latency_ms', 0):.1f} ms on {timing.get('provider', '?')}"],
             ["throughput", f"{timing.get('throughput_images_per_s', 0):.0f} images/s at batch {timing.get('batch')}"],
             ["producer / opset", f"{model['producer']} / {model['opset']}"]]
+    stages = report.get("stage_seconds", {})
+    if stages:
+        card.append(["audit time by stage", ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in stages.items())])
     page.table("model card", ["", ""], card, "what the graph holds and how fast it runs on this server")
     page.table("costliest layers", ["layer", "op", "multiply-accumulates", "share"],
                [[c["layer"], c["op"], f"{c['macs']:,}", f"{c['share']:.1%}"] for c in model["costliest"]],

@@ -116,12 +116,27 @@ def _maps(method: str, model, torch_model, samples, targets, cam_layer) -> list[
     return out
 
 
+class _StageClock:
+    """Wall seconds per stage, for the report (and the benchmark's split across stages)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._stage, self._started = None, time.perf_counter()
+
+    def enter(self, stage: str | None) -> None:
+        now = time.perf_counter()
+        if self._stage is not None:
+            self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._started
+        self._stage, self._started = stage, now
+
+
 def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBudget(), label_map: dict | None = None,
               progress: Callable | None = None, should_stop: Callable[[], bool] = lambda: False,
               workers: int = 0) -> dict | None:
     """The audit of ``model`` over ``items`` (``datasets.Item``s). ``torch_model`` is the converted module,
     or the reason there is none (a string). ``progress(stage, step, total)``. None when stopped."""
     report_progress = progress or (lambda stage, step, total: None)
+    clock = _StageClock()
     report: dict = {"model": {"name": model.name, "producer": model.proto.producer_name,
                               "opset": max((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")),
                                            default=0),
@@ -130,10 +145,12 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
                                   "layout": model.config.layout, "mean": list(model.config.mean),
                                   "std": list(model.config.std), "scale": model.config.scale,
                                   "resize": model.config.resize, "guessed": list(model.config.guessed)}}}
+    clock.enter("model card")
     report_progress("model card", 0, 1)
     report["model"].update(card.summary(model.proto, model.layers))
     report["model"]["timing"] = _timing(model)
 
+    clock.enter("scanning")
     layers = unit_layers(model, budget.unit_layers)
     keep = max(budget.attribution_images, budget.robustness_images)
     result = scan(model, items, classifier_input(model.proto, model.config.logits_output), layers, model.run_batch,
@@ -143,6 +160,7 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
         return None
     report["dataset"] = {"images": len(result.ids), "skipped": [{"id": f.id, "reason": f.reason}
                                                                 for f in result.failures]}
+    clock.enter("sections")
     mapping, unmapped = class_mapping(result.labels, model.labels, label_map, model.num_classes)
     report["classes"] = sections.classes(result, mapping, unmapped, model.label)
     report["units"] = sections.units(result)
@@ -155,6 +173,7 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     gradient_reason = torch_model if isinstance(torch_model, str) else ""
     cam_layer = layers[-1] if layers else None
 
+    clock.enter("faithfulness")
     report_progress("faithfulness", 0, len(budget.methods))
     chosen = samples[: budget.attribution_images]
     targets = predicted[: len(chosen)]
@@ -176,6 +195,7 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
                                                       np.zeros_like(chosen[0]), spatial_axes, budget.curve_steps,
                                                       model.run_batch, should_stop) if len(chosen) else {}}
 
+    clock.enter("robustness")
     report_progress("robustness", 0, 1)
     rows = labelled[: budget.robustness_images] or list(range(min(len(samples), budget.robustness_images)))
     truth = [accepted[i] for i in rows] if labelled else [(predicted[i],) for i in rows]
@@ -189,6 +209,8 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
             section["fgsm"] = _fgsm(model, torch_model, samples[rows], [t[0] for t in truth], budget.epsilons,
                                     should_stop)
     report["robustness"] = section
+    clock.enter(None)
+    report["stage_seconds"] = clock.seconds
     return None if should_stop() else report
 
 
