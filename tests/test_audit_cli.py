@@ -51,3 +51,27 @@ def test_audit_writes_a_site_and_gives_a_verdict(audit_server, tmp_path, capsys)
     assert not refused.exists()  # a malformed condition writes nothing
     assert main(base + ["audits", "delete", "lite0"]) == 0
     assert main(base + ["audits", "show", "lite0", "--out", str(refused)]) == 3
+
+
+def test_audits_diff_compares_two_versions(audit_server, tmp_path, capsys):
+    from convscope.audit_cli import diff
+    from convscope.cli import main
+
+    base = ["--server", audit_server.address]
+    small = ["--unit-layers", "1", "--attribution-images", "1", "--curve-steps", "2", "--robustness-images", "2",
+             "--method", "vanilla", "--out", str(tmp_path / "site")]
+    assert main(base + ["audit", "tiny", "--dataset", "demo", "--limit", "4", "--name", "v1", *small]) == 0
+    assert main(base + ["audit", "tiny", "--dataset", "demo", "--limit", "8", "--name", "v2", *small]) == 0
+    capsys.readouterr()
+    assert main(base + ["audits", "diff", "v1", "v2", "--out", str(tmp_path / "diff")]) == 0
+    printed = capsys.readouterr().out
+    assert "images" in printed and "vanilla" in printed
+    changes = json.loads((tmp_path / "diff" / "diff.json").read_text())
+    assert changes["metrics"]["images"] == {"first": 4, "second": 8, "change": 4}
+    assert main(base + ["audits", "diff", "v1"]) == 2
+
+    # units that died and came alive, on two reports that differ only there
+    first = {"units": {"L": {"dead": [1, 2], "saturating": [], "mean": [], "max": []}}}
+    second = {"units": {"L": {"dead": [2, 5], "saturating": [], "mean": [], "max": []}}}
+    assert diff(first, second)["units"] == {"L": {"died": [5], "revived": [1]}}
+    assert diff(first, second)["metrics"]["dead_units"]["change"] == 0

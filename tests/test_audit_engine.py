@@ -47,8 +47,10 @@ def audited(tmp_path_factory):
 
 def test_every_section_is_there_and_json_ready(audited):
     *_, report, _ = audited
-    assert set(report) == {"model", "dataset", "classes", "units", "faithfulness", "robustness", "stage_seconds"}
-    assert list(report["stage_seconds"]) == ["model card", "scanning", "sections", "faithfulness", "robustness"]
+    assert set(report) == {"model", "dataset", "classes", "units", "faithfulness", "randomisation", "robustness",
+                           "stage_seconds"}
+    assert list(report["stage_seconds"]) == ["model card", "scanning", "sections", "faithfulness", "randomisation",
+                                             "robustness"]
     json.dumps(report, allow_nan=False)  # strict JSON: no NaN or infinity anywhere
     assert report["model"]["parameters"] > 0 and report["model"]["timing"]["latency_ms"] > 0
     assert report["dataset"]["images"] == 12 and len(report["units"]) == 2
@@ -86,6 +88,29 @@ def test_vanilla_faithfulness_equals_the_curves_of_captum_maps(audited):
     assert got["insertion_auc"] == pytest.approx(expected["vanilla"]["insertion_auc"], rel=1e-4)
 
 
+def test_the_randomisation_check_equals_the_sanity_rpc_on_the_same_image(audited):
+    """Adebayo et al.'s check in the report against the server's SanityCheck technique run here directly on
+    the first sampled image (the same maps, the same seed and layers)."""
+    from convscope_server.audit.engine import _maps
+    from convscope_server.gradient import sanity
+
+    model, native, data, base, report, _ = audited
+    section = report["randomisation"]
+    assert len(section["layers"]) == 3 and set(section["correlations"]) == {"vanilla", "integrated_gradients",
+                                                                          "gradcam"}
+    item = next(iter(folder_items(data, base, model.config, 10**7)))
+    sample = item.load()[None]
+    target = OrtBackend(model).logits(sample).argmax(axis=1).tolist()
+    cam_layer = model.layer(report["faithfulness"]["gradcam_layer"])
+    torch_model = TorchBridges("cpu").get(model)
+    expected = sanity.cascading_randomization(
+        torch_model, model.proto, {"vanilla": lambda tm: _maps("vanilla", model, tm, sample, target, cam_layer)[0]},
+        3, seed=0)
+    np.testing.assert_allclose(section["correlations"]["vanilla"], expected.correlations["vanilla"], rtol=1e-6)
+    for method, values in section["correlations"].items():
+        assert section["insensitive"][method] == (abs(values[-1]) >= 0.5)
+
+
 def test_a_model_without_a_gradient_path_gets_every_forward_section(audited):
     model, native, data, base, *_ = audited
     report = run_audit(model, folder_items(data, base, model.config, 10**7), "onnx2pytorch cannot convert X", BUDGET)
@@ -93,4 +118,5 @@ def test_a_model_without_a_gradient_path_gets_every_forward_section(audited):
                                                      for m in ("vanilla", "integrated_gradients", "gradcam")}
     assert set(report["faithfulness"]["methods"]) == {"occlusion", "random"}
     assert report["robustness"]["fgsm"] == {"unavailable": "onnx2pytorch cannot convert X"}
+    assert report["randomisation"] == {"unavailable": "onnx2pytorch cannot convert X"}
     assert "accuracy" in report["classes"]

@@ -4,6 +4,7 @@ show or delete stored audits, and a verdict for CI.
     convscope audit efficientnet_lite0 --dataset demo --name lite0-demo --out report/
     convscope audit efficientnet_lite0 my_photos/ --label-map labels.json --fail-if 'accuracy < 0.7'
     convscope audits list | convscope audits show lite0-demo --out report/ | convscope audits delete lite0-demo
+    convscope audits diff lite0-v1 lite0-v2        (metrics, verdicts per method, units that died)
 
 The site (index.html, its PNGs, audit.json) needs no server to read. ``--fail-if 'METRIC OP NUMBER'``
 (repeatable) exits 6 when any condition holds; the metrics are listed by ``convscope audits show NAME``.
@@ -43,6 +44,8 @@ def metrics(report: dict) -> dict[str, float]:
                      ece=classes["calibration"]["ece"])
     methods = report.get("faithfulness", {}).get("methods", {})
     found["faithful_methods"] = sum(1 for m in methods.values() if m.get("faithful"))
+    insensitive = report.get("randomisation", {}).get("insensitive", {})
+    found["insensitive_methods"] = sum(1 for flag in insensitive.values() if flag)
     corruptions = report.get("robustness", {}).get("corruptions") or {}
     accuracies = [row["accuracy"] for kind, rows in corruptions.items() if kind != "clean" for row in rows]
     if accuracies:
@@ -209,6 +212,18 @@ def write_site(report: dict, out: Path, name: str) -> Path:
                    + [[m, "", "", f"not run: {reason}"] for m, reason in faithful["unavailable"].items()],
                    "a method beats random when its insertion AUC minus its deletion AUC is larger than the random "
                    "ordering's: its top pixels carry the evidence")
+    randomisation = report.get("randomisation", {})
+    if randomisation.get("correlations"):
+        page.table("model-randomisation check (Adebayo et al. 2018)",
+                   ["method", *[f"rho after {layer}" for layer in randomisation["layers"]], "verdict"],
+                   [[m, *[f"{v:.2f}" for v in values],
+                     "insensitive to the model" if randomisation["insensitive"].get(m) else "depends on the model"]
+                    for m, values in randomisation["correlations"].items()],
+                   "Spearman correlation of each method's map with its map on the trained model, as weighted layers "
+                   "are re-initialised from the top: a method whose map survives the destruction of the weights "
+                   "does not explain this model")
+    elif randomisation.get("unavailable"):
+        page.table("model-randomisation check", ["", ""], [["not run", randomisation["unavailable"]]])
     if report["robustness"].get("images"):
         page.figure("robustness.png", _robustness(report["robustness"]),
                     f"robustness on {report['robustness']['images']} images (against "
@@ -266,7 +281,61 @@ def cmd_audit(client: Client, args) -> int:
     return _finish(client.audit(info.name), info.name, args)
 
 
+def diff(first: dict, second: dict) -> dict:
+    """What changed from audit ``first`` to ``second`` (two versions of a model): every metric, the
+    faithfulness and randomisation verdicts per method, and per unit layer both had the channels that died
+    and those that came alive."""
+    a, b = metrics(first), metrics(second)
+    changes = {"metrics": {name: {"first": a.get(name), "second": b.get(name),
+                                  "change": b[name] - a[name] if name in a and name in b else None}
+                           for name in dict.fromkeys([*a, *b])}}
+    verdicts = {}
+    for method in dict.fromkeys([*first.get("faithfulness", {}).get("methods", {}),
+                                 *second.get("faithfulness", {}).get("methods", {})]):
+        if method == "random":
+            continue
+        was = first.get("faithfulness", {}).get("methods", {}).get(method, {}).get("faithful")
+        now = second.get("faithfulness", {}).get("methods", {}).get(method, {}).get("faithful")
+        verdicts[method] = {"faithful": [was, now],
+                            "insensitive": [first.get("randomisation", {}).get("insensitive", {}).get(method),
+                                            second.get("randomisation", {}).get("insensitive", {}).get(method)]}
+    changes["methods"] = verdicts
+    units = {}
+    for layer in set(first.get("units", {})) & set(second.get("units", {})):
+        dead_a, dead_b = set(first["units"][layer]["dead"]), set(second["units"][layer]["dead"])
+        if dead_a != dead_b:
+            units[layer] = {"died": sorted(dead_b - dead_a), "revived": sorted(dead_a - dead_b)}
+    changes["units"] = units
+    return changes
+
+
+def _show_diff(names: tuple[str, str], changes: dict) -> None:
+    def shown(value):
+        return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    rows = [[name, shown(v["first"]), shown(v["second"]), shown(v["change"])] for name, v in changes["metrics"].items()]
+    print(table(["metric", names[0], names[1], "change"], rows, right={1, 2, 3}))
+    if changes["methods"]:
+        print()
+        print(table(["method", "beats random", "insensitive to the model"],
+                    [[m, " -> ".join(shown(x) for x in v["faithful"]), " -> ".join(shown(x) for x in v["insensitive"])]
+                     for m, v in changes["methods"].items()]))
+    for layer, change in sorted(changes["units"].items()):
+        print(f"{layer}: {len(change['died'])} channels died {change['died'][:20]}, "
+              f"{len(change['revived'])} came alive {change['revived'][:20]}")
+
+
 def cmd_audits(client: Client, args) -> int:
+    if args.action == "diff":
+        if not (args.name and args.other):
+            raise CliError("audits diff: give two audit names, A B", 2)
+        changes = diff(client.audit(args.name), client.audit(args.other))
+        _show_diff((args.name, args.other), changes)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "diff.json").write_text(json.dumps(changes, indent=1))
+            print(f"wrote {args.out / 'diff.json'}")
+        return 0
     if args.action == "list":
         rows = [[a.name, a.model, a.images, a.labelled, f"{a.accuracy:.3f}" if a.labelled else "", a.created]
                 for a in client.audits()]
@@ -287,7 +356,8 @@ def add_commands(commands, parser) -> None:
         sub.add_argument("--fail-if", action="append", metavar="'METRIC OP NUMBER'",
                          help="exit 6 when the condition holds, e.g. 'accuracy < 0.7' or 'ece > 0.1' (repeatable; "
                          "metrics: accuracy, top5_accuracy, ece, dead_units, saturating_units, faithful_methods, "
-                         "worst_corruption_accuracy, fgsm_accuracy, latency_ms, images, labelled, skipped)")
+                         "insensitive_methods, worst_corruption_accuracy, fgsm_accuracy, latency_ms, images, "
+                         "labelled, skipped)")
         sub.add_argument("--out", type=Path, default=None, help="folder for the report site (default: "
                          "convscope-out/COMMAND)")
 
@@ -310,7 +380,8 @@ def add_commands(commands, parser) -> None:
                        help="attribution methods to check (repeatable; default: all four)")
     verdict_flags(audit)
 
-    audits = parser(commands, "audits", "list, show (site and verdict) or delete stored audits", cmd_audits)
-    audits.add_argument("action", choices=["list", "show", "delete"], help="what to do")
-    audits.add_argument("name", nargs="?", default="", help="audit name (show, delete)")
+    audits = parser(commands, "audits", "list, show (site and verdict), diff or delete stored audits", cmd_audits)
+    audits.add_argument("action", choices=["list", "show", "diff", "delete"], help="what to do")
+    audits.add_argument("name", nargs="?", default="", help="audit name (show, delete; the first one for diff)")
+    audits.add_argument("other", nargs="?", default="", help="diff: the second audit (e.g. the new model version)")
     verdict_flags(audits)

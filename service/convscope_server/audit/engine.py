@@ -33,6 +33,7 @@ class AuditBudget:
     robustness_images: int = 64      # images the corruptions (and FGSM) run on
     epsilons: tuple = (0.0, 1 / 255, 2 / 255, 4 / 255)   # FGSM, in [0, 1] pixel units
     methods: tuple = ("vanilla", "integrated_gradients", "gradcam", "occlusion")
+    randomized_layers: int = 3       # the model-randomisation check: weighted layers re-initialised from the top
 
 
 def unit_layers(model, count: int) -> list:
@@ -195,6 +196,11 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
                                                       np.zeros_like(chosen[0]), spatial_axes, budget.curve_steps,
                                                       model.run_batch, should_stop) if len(chosen) else {}}
 
+    clock.enter("randomisation")
+    report["randomisation"] = _randomisation(model, torch_model, gradient_reason, chosen[:1], targets[:1],
+                                             [m for m in budget.methods if m in GRADIENT_METHODS], cam_layer,
+                                             budget.randomized_layers, should_stop)
+
     clock.enter("robustness")
     report_progress("robustness", 0, 1)
     rows = labelled[: budget.robustness_images] or list(range(min(len(samples), budget.robustness_images)))
@@ -212,6 +218,28 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     clock.enter(None)
     report["stage_seconds"] = clock.seconds
     return None if should_stop() else report
+
+
+def _randomisation(model, torch_model, reason, samples, targets, methods, cam_layer, layers, should_stop) -> dict:
+    """Adebayo et al.'s model-parameter randomisation (``gradient.sanity``) on the first sampled image: per
+    gradient method, the Spearman correlation of its map with the trained model's after each cumulative
+    re-initialisation from the top. A method whose map stays alike (|rho| >= 0.5 at the end) is not
+    explaining this model ("insensitive")."""
+    if reason:
+        return {"unavailable": reason}
+    if not len(samples) or not methods or layers <= 0:
+        return {"unavailable": "no image or no gradient method in the budget"}
+    from convscope_server.gradient import sanity
+
+    makers = {method: (lambda tm, method=method: _maps(method, model, tm, samples, targets, cam_layer)[0])
+              for method in methods if method != "gradcam" or cam_layer is not None}
+    with torch_model.scope():
+        found = sanity.cascading_randomization(torch_model, model.proto, makers, layers, seed=0,
+                                               should_stop=should_stop)
+    if found is None:
+        return {"unavailable": "stopped"}
+    return {"layers": found.layers, "correlations": found.correlations,
+            "insensitive": {m: bool(abs(values[-1]) >= 0.5) for m, values in found.correlations.items() if values}}
 
 
 def _fgsm(model, torch_model, samples, labels, epsilons, should_stop) -> dict:
