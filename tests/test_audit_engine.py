@@ -49,8 +49,13 @@ def test_every_section_is_there_and_json_ready(audited):
     *_, report, _ = audited
     assert set(report) == {"model", "dataset", "classes", "units", "faithfulness", "randomisation", "robustness",
                            "stage_seconds"}
-    assert list(report["stage_seconds"]) == ["model card", "scanning", "sections", "faithfulness", "randomisation",
-                                             "robustness"]
+    assert list(report["stage_seconds"]) == ["model card", "scanning", "sections", "map", "faithfulness",
+                                             "randomisation", "robustness"]
+    points = report["dataset"]["map"]["points"]
+    assert sorted(p["id"] for p in points) == sorted(f"{label}/{n}.png" for label in ("5", "thing 1", "thing 2")
+                                                     for n in range(4))
+    truth = {"thing 1": 1, "thing 2": 2, "5": 5}
+    assert all(p["correct"] == (p["predicted"] == truth[p["label"]]) for p in points)
     json.dumps(report, allow_nan=False)  # strict JSON: no NaN or infinity anywhere
     assert report["model"]["parameters"] > 0 and report["model"]["timing"]["latency_ms"] > 0
     assert report["dataset"]["images"] == 12 and len(report["units"]) == 2

@@ -152,6 +152,30 @@ def _units(units: dict) -> figures.Picture:
     return figures._save(fig)
 
 
+@figures._styled
+def _code_map(section: dict, class_name) -> figures.Picture:
+    fig = figures._new(9, 7.5)
+    ax = fig.add_subplot()
+    points = section["points"]
+    labelled = any(p["label"] for p in points)
+    groups = [p["label"] if labelled else class_name(p["predicted"]) for p in points]
+    common = [g for g, _ in sorted(((g, groups.count(g)) for g in set(groups)), key=lambda t: -t[1])[:12]]
+    colours = {g: f"C{i % 10}" for i, g in enumerate(common)}
+    for group in common + ["other"]:
+        chosen = [p for p, g in zip(points, groups) if (g if g in colours else "other") == group]
+        if chosen:
+            ax.scatter([p["x"] for p in chosen], [p["y"] for p in chosen], s=14, alpha=0.8,
+                       color=colours.get(group, "#bbbbbb"), label=group)
+    wrong = [p for p in points if p["correct"] is False]
+    if wrong:
+        ax.scatter([p["x"] for p in wrong], [p["y"] for p in wrong], s=60, marker="x", color="black",
+                   label=f"misclassified ({len(wrong)})")
+    ax.set(xlabel="t-SNE 1", ylabel="t-SNE 2", title=f"The dataset as the network codes it ({len(points)} images, "
+                                                        f"{'true labels' if labelled else 'predicted classes'})")
+    ax.legend(fontsize=8, loc="best", markerscale=1.2)
+    return figures._save(fig, {"points": len(points), "misclassified": len(wrong)})
+
+
 def write_site(report: dict, out: Path, name: str) -> Path:
     """index.html with the report's figures and tables, its PNGs and audit.json, under ``out``."""
     model = report["model"]
@@ -230,6 +254,12 @@ def write_site(report: dict, out: Path, name: str) -> Path:
                     f"{report['robustness']['against']})", "how fast accuracy falls with each corruption and "
                     "with adversarial perturbations", wide=True)
     dataset = report["dataset"]
+    if dataset.get("map", {}).get("points"):
+        names = {c["class"]: c["name"] for c in classes.get("predicted", [])}
+        page.figure("map.png", _code_map(dataset["map"], lambda c: f"{c} {names.get(c, '')}".strip()),
+                    "t-SNE of the penultimate codes: each point an image, crosses where the prediction is wrong",
+                    "mistakes inside another class's cluster are confusions the features make; isolated points are "
+                    "outliers; a label split over several clusters may be two concepts", wide=True)
     page.table("near-duplicate pairs", ["image", "image", "code distance"],
                [[p["first"], p["second"], f"{p['distance']:.4g}"] for p in dataset["near_duplicates"]],
                "images the network sees as the same: duplicates can leak between splits")

@@ -34,6 +34,7 @@ class AuditBudget:
     epsilons: tuple = (0.0, 1 / 255, 2 / 255, 4 / 255)   # FGSM, in [0, 1] pixel units
     methods: tuple = ("vanilla", "integrated_gradients", "gradcam", "occlusion")
     randomized_layers: int = 3       # the model-randomisation check: weighted layers re-initialised from the top
+    map_points: int = 2000           # images on the t-SNE map of the codes (a seeded random subset beyond)
 
 
 def unit_layers(model, count: int) -> list:
@@ -174,6 +175,10 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     gradient_reason = torch_model if isinstance(torch_model, str) else ""
     cam_layer = layers[-1] if layers else None
 
+    clock.enter("map")
+    report["dataset"]["map"] = _code_map(result, mapping, budget.map_points, should_stop,
+                                         lambda step, total: report_progress("map", step, total))
+
     clock.enter("faithfulness")
     report_progress("faithfulness", 0, len(budget.methods))
     chosen = samples[: budget.attribution_images]
@@ -218,6 +223,33 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     clock.enter(None)
     report["stage_seconds"] = clock.seconds
     return None if should_stop() else report
+
+
+def _code_map(result, mapping, points: int, should_stop, progress) -> dict:
+    """t-SNE of the penultimate codes (up to ``points`` images, a seeded random subset beyond), each point
+    with its id, label, predicted class and whether that is right (None where the label maps to nothing)."""
+    from convscope_server.forward.embedding import Stopped, tsne
+
+    codes = result.codes
+    if codes is None or len(codes) < 10 or points <= 0:
+        return {"points": [], "reason": "fewer than 10 images with codes"}
+    rows = np.arange(len(codes))
+    if len(rows) > points:
+        rows = np.sort(np.random.default_rng(0).choice(rows, points, replace=False))
+    perplexity = float(min(30.0, (len(rows) - 1) / 3.0))
+    try:
+        coordinates, kl = tsne(codes[rows], perplexity, 500, 0, lambda step, total, _: progress(step, total),
+                               should_stop)
+    except Stopped:
+        return {"points": [], "reason": "stopped"}
+    predicted = result.logits[rows].argmax(axis=1).tolist()
+    out = []
+    for (x, y), row, guess in zip(coordinates.tolist(), rows.tolist(), predicted):
+        label = result.labels[row]
+        accepted = mapping.get(label)
+        out.append({"id": result.ids[row], "label": label, "predicted": guess, "x": x, "y": y,
+                    "correct": None if not accepted else guess in accepted})
+    return {"method": "t-SNE", "perplexity": perplexity, "kl_divergence": float(kl), "points": out}
 
 
 def _randomisation(model, torch_model, reason, samples, targets, methods, cam_layer, layers, should_stop) -> dict:
