@@ -125,3 +125,32 @@ def test_a_model_without_a_gradient_path_gets_every_forward_section(audited):
     assert report["robustness"]["fgsm"] == {"unavailable": "onnx2pytorch cannot convert X"}
     assert report["randomisation"] == {"unavailable": "onnx2pytorch cannot convert X"}
     assert "accuracy" in report["classes"]
+
+
+def test_unit_pages_equal_the_native_modules_activations(audited):
+    """Each tracked channel's top hits are the largest per-image maxima of that channel over the dataset, and
+    its mean per label the mean over that label's images, computed by the native torch module's hooks."""
+    model, native, data, base, report, _ = audited
+    modules = {"/relu1/Relu_output_0": native.relu1, "/relu2/Relu_output_0": native.relu2,
+               "/relu6/Clip_output_0": native.relu6}
+    items = list(folder_items(data, base, model.config, 10**7))
+    batch = torch.from_numpy(np.stack([item.load() for item in items]))
+    paged = {name: numbers["pages"] for name, numbers in report["units"].items() if numbers.get("pages")}
+    assert paged
+    for name, cards in paged.items():
+        store = {}
+        handle = modules[name].register_forward_hook(lambda m, i, o: store.__setitem__("out", o.detach()))
+        with torch.no_grad():
+            native(batch)
+        handle.remove()
+        values = store["out"].numpy()
+        assert len(cards) == min(values.shape[1], BUDGET.unit_channels)
+        for card in cards:
+            maxima = values[:, card["channel"]].reshape(len(items), -1).max(axis=1)
+            best = np.sort(maxima)[::-1][: len(card["hits"])]
+            np.testing.assert_allclose([hit["value"] for hit in card["hits"]], best, rtol=1e-4, atol=1e-5)
+            assert all(len(hit["png"]) > 100 for hit in card["hits"])
+            for label in ("thing 1", "thing 2", "5"):
+                rows = [i for i, item in enumerate(items) if item.label == label]
+                expected = values[rows, card["channel"]].reshape(len(rows), -1).mean(axis=1).mean()
+                assert card["class_means"][label] == pytest.approx(expected, rel=1e-4, abs=1e-6)

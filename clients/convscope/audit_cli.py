@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from convscope import figures
-from convscope.cli_common import CliError, table, with_progress
+from convscope.cli_common import CliError, safe_name, table, with_progress
 from convscope.client import Client
 from convscope.dataset_cli import _source
 from convscope.pages import Page
@@ -176,6 +176,58 @@ def _code_map(section: dict, class_name) -> figures.Picture:
     return figures._save(fig, {"points": len(points), "misclassified": len(wrong)})
 
 
+@figures._styled
+def _channel_card(layer: str, card: dict) -> figures.Picture:
+    """One channel: its top images' receptive-field crops with their values, and its mean per label."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    hits, means = card["hits"], card["class_means"]
+    fig = figures._new(11, 2.6)
+    grid = fig.add_gridspec(1, max(1, len(hits)) + 3)
+    for column, hit in enumerate(hits):
+        ax = fig.add_subplot(grid[0, column])
+        ax.imshow(np.asarray(Image.open(io.BytesIO(base64.b64decode(hit["png"])))))
+        ax.set_title(f"{hit['value']:.3g}", fontsize=9)
+        ax.set_xlabel(Path(hit["id"]).name[:18], fontsize=7)
+        figures._blank(ax)
+    ax = fig.add_subplot(grid[0, len(hits):])
+    shown = sorted(means.items(), key=lambda item: -item[1])[:10]
+    ax.barh([label[:16] for label, _ in shown][::-1], [value for _, value in shown][::-1], color="#4c72b0")
+    ax.set_xlabel("mean activation", fontsize=9)
+    ax.tick_params(labelsize=8)
+    fig.suptitle(f"{layer} channel {card['channel']}: top images (number: the strongest unit's activation) and "
+                 "the mean per label", fontsize=11)
+    return figures._save(fig, {"hits": len(hits), "labels": len(means)})
+
+
+def _unit_pages(report: dict, out: Path) -> list[tuple[str, str]]:
+    """A page per audited layer with a card per tracked channel; returns (text, href) links to them."""
+    links = []
+    for layer, numbers in report["units"].items():
+        cards = numbers.get("pages") or []
+        if not cards:
+            continue
+        folder = safe_name(layer.strip("/")) or "layer"
+        page = Page(out / "units" / folder, f"{layer}: {len(cards)} of {numbers['channels']} channels",
+                    report["model"]["name"], "Each channel's top images from the audited dataset, cropped to the "
+                    "receptive field of its strongest unit, and its mean activation per dataset label: what the "
+                    "unit responds to, and for which classes.")
+        page.links("navigation", [("back to the audit", "../../index.html")])
+        for card in cards:
+            dead = card["channel"] in set(numbers["dead"])
+            page.figure(f"channel_{card['channel']}.png", _channel_card(layer, card),
+                        f"channel {card['channel']}" + (" (dead: never active on this dataset)" if dead else ""),
+                        "a coherent row (one texture, part or object) is an interpretable unit; a label far above "
+                        "the others is what the unit votes for", wide=True)
+        page.write()
+        links.append((f"{layer}: {len(cards)} channels", f"units/{folder}/index.html"))
+    return links
+
+
 def write_site(report: dict, out: Path, name: str) -> Path:
     """index.html with the report's figures and tables, its PNGs and audit.json, under ``out``."""
     model = report["model"]
@@ -219,6 +271,10 @@ def write_site(report: dict, out: Path, name: str) -> Path:
         page.table("predictions", ["class", "images"], [[f"{p['class']} {p['name']}", p["images"]]
                                                        for p in classes["predicted"][:20]],
                    "no label maps to the model's classes: the distribution of predicted classes")
+    links = _unit_pages(report, out)
+    if links:
+        page.links("unit pages", links, "per layer, each sampled channel's top dataset patches and its mean "
+                   "activation per label")
     if report["units"]:
         page.figure("units.png", _units(report["units"]), "units: mean activation per channel over the dataset",
                     "dead channels (never active on any image) waste capacity; a long flat tail means few units "

@@ -53,6 +53,11 @@ class Page:
         self.figures.append({"table": title, "headers": headers, "rows": [[str(c) for c in r] for r in rows],
                              "caption": caption, "look_for": "", "info": {}, "wide": True, "file": ""})
 
+    def links(self, title: str, links: list[tuple[str, str]], caption: str = "") -> None:
+        """A card of links to other pages (``(text, relative href)``), full width."""
+        self.figures.append({"links": title, "items": [list(link) for link in links], "caption": caption,
+                             "look_for": "", "info": {}, "wide": True, "file": ""})
+
     def file(self, name: str, data: bytes | str) -> None:
         """A data file written beside the page (JSON, CSV), linked at the bottom."""
         self.files[name] = data.encode() if isinstance(data, str) else data
@@ -84,6 +89,10 @@ class Page:
 
     @staticmethod
     def _figure(f: dict) -> str:
+        if "links" in f:
+            items = "".join(f'<li><a href="{html.escape(href)}">{html.escape(text)}</a></li>' for text, href in f["items"])
+            return (f"<figure class=wide><b>{html.escape(f['links'])}</b><ul>{items}</ul>"
+                    f"<figcaption>{html.escape(f['caption'])}</figcaption></figure>")
         if "table" in f:
             head = "".join(f"<th>{html.escape(h)}</th>" for h in f["headers"]) if any(f["headers"]) else ""
             body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in f["rows"])

@@ -35,6 +35,8 @@ class AuditBudget:
     methods: tuple = ("vanilla", "integrated_gradients", "gradcam", "occlusion")
     randomized_layers: int = 3       # the model-randomisation check: weighted layers re-initialised from the top
     map_points: int = 2000           # images on the t-SNE map of the codes (a seeded random subset beyond)
+    unit_channels: int = 8           # channels per unit layer with a page: top patches, mean per label
+    unit_patches: int = 6            # top images per such channel
 
 
 def unit_layers(model, count: int) -> list:
@@ -155,9 +157,15 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     clock.enter("scanning")
     layers = unit_layers(model, budget.unit_layers)
     keep = max(budget.attribution_images, budget.robustness_images)
+    track = {}
+    for layer in layers:
+        channels = layer.shape[acts.channel_axis(layer.shape, layer.layout, layer.op_type)]
+        if channels > 0 and budget.unit_channels > 0:
+            count = min(channels, budget.unit_channels)
+            track[layer.name] = np.unique(np.linspace(0, channels - 1, count).round().astype(np.int64)).tolist()
     result = scan(model, items, classifier_input(model.proto, model.config.logits_output), layers, model.run_batch,
                   should_stop, lambda done: report_progress("scanning", done, 0), workers, _ceilings(model, layers),
-                  keep=keep)
+                  keep=keep, track=track, k=budget.unit_patches)
     if should_stop():
         return None
     report["dataset"] = {"images": len(result.ids), "skipped": [{"id": f.id, "reason": f.reason}
@@ -166,6 +174,8 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     mapping, unmapped = class_mapping(result.labels, model.labels, label_map, model.num_classes)
     report["classes"] = sections.classes(result, mapping, unmapped, model.label)
     report["units"] = sections.units(result)
+    for name, cards in sections.unit_channels(result, model).items():
+        report["units"][name]["pages"] = cards
     report["dataset"].update(sections.dataset(result))
 
     samples = result.kept

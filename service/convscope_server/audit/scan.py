@@ -63,6 +63,9 @@ class ScanResult:
     units: dict[str, UnitStatistics] = field(default_factory=dict)
     failures: list[ItemFailure] = field(default_factory=list)
     kept: np.ndarray | None = None            # the first ``keep`` model inputs, for the sampled sections
+    top: dict = field(default_factory=dict)   # layer -> TopActivations of its tracked channels
+    loaders: dict = field(default_factory=dict)  # scan index -> (id, loader) of images some table keeps
+    class_sums: dict = field(default_factory=dict)  # layer -> {label: (sum of per-image channel means, images)}
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -71,12 +74,15 @@ class ScanResult:
 
 def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list, batch_size: int,
          should_stop: Callable[[], bool], progress: Callable[[int], None] | None = None, workers: int = 0,
-         ceiling: dict[str, float] | None = None, keep: int = 0) -> ScanResult:
+         ceiling: dict[str, float] | None = None, keep: int = 0, track: dict | None = None,
+         k: int = 6) -> ScanResult:
     """One pass of ``items`` through ``model``: logits, the flattened values of ``code_layer`` and
     :class:`UnitStatistics` of each layer in ``unit_layers`` (``LayerInfo`` objects; channels read on
     the axis their layout names). ``ceiling`` gives a layer's saturation value (ReLU6: 6). Unreadable
     items are recorded in ``failures`` and left out. The first ``keep`` inputs are kept (``kept``) for the
-    sections that run on a sample."""
+    sections that run on a sample. ``track`` (layer -> channel indices) keeps, for those channels, the
+    ``k`` images that excite each most (``top``, with the loaders of the images still referenced, as
+    TopPatches does) and each label's mean activation per channel (``class_sums``)."""
     backend = OrtBackend(model)
     result = ScanResult()
     logits_name = model.config.logits_output
@@ -95,6 +101,15 @@ def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list
             if layer.name not in result.units:
                 result.units[layer.name] = UnitStatistics(first.shape[1], 0.0, (ceiling or {}).get(layer.name))
             result.units[layer.name].add(first)
+            if track and layer.name in track:
+                _track(result, layer.name, first, np.asarray(track[layer.name], np.int64), k, batch)
+        if track:
+            referenced = set().union(*(table.referenced() for table in result.top.values()))
+            for row, index in enumerate(batch.indices):
+                if index in referenced:
+                    result.loaders[index] = (batch.ids[row], batch.loaders[row])
+            for index in [i for i in result.loaders if i not in referenced]:
+                del result.loaders[index]
         result.ids += batch.ids
         result.labels += batch.labels
         if progress is not None:
@@ -104,6 +119,18 @@ def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list
         result.codes = np.concatenate(codes) if codes else np.zeros((0, 0), np.float32)
     result.kept = np.concatenate(kept) if kept else np.zeros((0, *model_input_shape(model)), np.float32)
     return result
+
+
+def _track(result: ScanResult, name: str, values: np.ndarray, channels: np.ndarray, k: int, batch) -> None:
+    from convscope_server.forward.patches import TopActivations
+
+    table = result.top.setdefault(name, TopActivations(channels, k))
+    table.add(values, batch.indices)
+    means = values[:, channels].reshape(len(values), len(channels), -1).mean(axis=2)
+    sums = result.class_sums.setdefault(name, {})
+    for row, label in enumerate(batch.labels):
+        total, count = sums.get(label, (np.zeros(len(channels)), 0))
+        sums[label] = (total + means[row], count + 1)
 
 
 def model_input_shape(model) -> tuple[int, int, int]:

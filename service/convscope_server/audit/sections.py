@@ -87,3 +87,45 @@ def dataset(result, duplicates: int = 20, outliers: int = 12, neighbours: int = 
     return {"near_duplicates": [{"first": result.ids[p.first], "second": result.ids[p.second],
                                  "distance": p.distance} for p in pairs],
             "outliers": [{"id": result.ids[i], "mean_distance": float(isolation[i])} for i in far.tolist()]}
+
+
+def unit_channels(result, model, tile: int = 48) -> dict:
+    """Per tracked layer, per tracked channel (Microscope-style): the images that excite it most with the
+    receptive-field crop of the strongest unit as a PNG tile (base64) and its value, and each dataset
+    label's mean activation of the channel."""
+    import base64
+
+    from convscope_server import render
+    from convscope_server.forward import patches
+
+    height, width = model.config.height, model.config.width
+    decoded: dict[int, np.ndarray] = {}
+
+    def pixels(index: int) -> np.ndarray:
+        if index not in decoded:
+            decoded[index] = render.display_image(result.loaders[index][1](), model.config)
+        return decoded[index]
+
+    section = {}
+    for name, table in result.top.items():
+        layer = model.layer(name)
+        spatial = layer.spatial if layer.layout else None
+        grid_width = layer.shape[layer.axes[1]] if spatial else 1
+        sums = result.class_sums.get(name, {})
+        cards = []
+        for column, channel in enumerate(table.channels.tolist()):
+            hits = []
+            for slot in range(len(table.values)):
+                index = int(table.images[slot, column])
+                if index not in result.loaders:
+                    continue
+                box = patches.receptive_box(spatial, table.positions[slot, column], grid_width, height, width)
+                tile_png = render.png(patches.fit_tile(patches.crop(pixels(index), box), tile))
+                hits.append({"id": result.loaders[index][0], "value": float(table.values[slot, column]),
+                             "box": [box.top, box.left, box.bottom, box.right],
+                             "png": base64.b64encode(tile_png).decode()})
+            cards.append({"channel": channel, "hits": hits,
+                          "class_means": {label or "(no label)": float(total[column] / count)
+                                          for label, (total, count) in sorted(sums.items())}})
+        section[name] = cards
+    return section
