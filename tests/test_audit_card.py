@@ -29,3 +29,7 @@ def test_parameters_and_multiply_accumulates_by_hand(tmp_path):
     report = card.summary(model.proto, model.layers)
     assert report["macs"] == sum(by_hand.values()) + 16 * NUM_CLASSES
     assert report["costliest"][0]["layer"] == max(by_hand, key=by_hand.get)
+    rows = {row["name"]: row for row in report["layers"]}
+    assert rows["/conv3/Conv_output_0"]["receptive_field"] == {"size": [15, 15], "jump": [4, 4]}  # tiny_models
+    assert rows["/conv3/Conv_output_0"]["macs"] == by_hand["/conv3/Conv_output_0"]
+    assert rows["/conv1/Conv_output_0"]["shape"][1:] == [8, SIZE, SIZE] and rows["/conv1/Conv_output_0"]["layout"] == "NCHW"

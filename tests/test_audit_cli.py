@@ -40,6 +40,11 @@ def test_audit_writes_a_site_and_gives_a_verdict(audit_server, tmp_path, capsys)
     pictures = [f["file"] for f in figures if f["file"]]
     assert {"units.png", "faithfulness.png", "robustness.png"} <= set(pictures)
     assert all((out / name).stat().st_size > 1000 for name in pictures)
+    import re
+
+    for href in re.findall(r'href="([^"]+)"', page):  # every link of the report leads to a file
+        assert (out / href).is_file(), href
+    assert "layers/index.html" in page and "/_conv_stem/Conv_output_0" in (out / "layers" / "index.html").read_text()
     unit_pages = sorted((out / "units").glob("*/index.html"))
     assert len(unit_pages) == 1 and str(unit_pages[0].relative_to(out)) in page  # linked from the report
     assert len(json.loads((unit_pages[0].parent / "page.json").read_text())["figures"]) == 1 + 8  # back + 8 channels

@@ -250,6 +250,22 @@ def write_site(report: dict, out: Path, name: str) -> Path:
     page.table("costliest layers", ["layer", "op", "multiply-accumulates", "share"],
                [[c["layer"], c["op"], f"{c['macs']:,}", f"{c['share']:.1%}"] for c in model["costliest"]],
                "where the compute goes")
+    if model.get("layers"):
+        layers_page = Page(out / "layers", f"{model['name']}: every tensor", model["name"],
+                           "Each tensor of the graph with its shape, layout and receptive field (input pixels a unit "
+                           "sees, and the step between neighbouring units), as the graph analysis found them.")
+        layers_page.links("navigation", [("back to the audit", "../index.html")])
+
+        def field(f):
+            return "" if f is None else f"{f['size'][0]}x{f['size'][1]} px, step {f['jump'][0]}x{f['jump'][1]}"
+
+        layers_page.table("layers", ["tensor", "op", "shape", "layout", "receptive field", "multiply-accumulates"],
+                          [[row["name"], row["op"], "x".join("?" if d < 0 else str(d) for d in row["shape"]),
+                            row["layout"], field(row["receptive_field"]), f"{row['macs']:,}" if row["macs"] else ""]
+                           for row in model["layers"]])
+        layers_page.write()
+        page.links("layer table", [(f"all {len(model['layers'])} tensors: shapes, layouts, receptive fields",
+                                    "layers/index.html")])
     classes = report["classes"]
     if classes.get("labelled"):
         page.table("classes", ["", ""], [["labelled images", classes["labelled"]],

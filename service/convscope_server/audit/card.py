@@ -69,11 +69,27 @@ def _shared_dimension(node, weight) -> int:
     return weight[-2]  # MatMul: (..., K) x (K, M)
 
 
+def layer_table(layers, costs: list[LayerCost]) -> list[dict]:
+    """Every tensor the graph analysis knows: name, op, shape (-1: the batch or unknown), layout, receptive
+    field (size and jump in input pixels, rows x columns, where it is local) and multiply-accumulates."""
+    macs = {c.name: c.macs for c in costs}
+    rows = []
+    for layer in layers:
+        field = layer.spatial
+        rows.append({"name": layer.name, "op": layer.op_type, "shape": [int(d) for d in layer.shape],
+                     "layout": layer.layout,
+                     "receptive_field": None if field is None else {"size": [field.h.size, field.w.size],
+                                                                    "jump": [field.h.jump, field.w.jump]},
+                     "macs": macs.get(layer.name, 0)})
+    return rows
+
+
 def summary(proto, layers) -> dict:
-    """Parameters, total multiply-accumulates and the ten costliest layers, for audit.json."""
+    """Parameters, total multiply-accumulates, the ten costliest layers and the layer table, for audit.json."""
     costs = layer_costs(proto, layers)
     total = sum(c.macs for c in costs)
     top = sorted(costs, key=lambda c: -c.macs)[:10]
     return {"parameters": parameters(proto), "macs": total,
             "costliest": [{"layer": c.name, "op": c.op_type, "macs": c.macs,
-                           "share": c.macs / total if total else float(np.nan)} for c in top]}
+                           "share": c.macs / total if total else 0.0} for c in top],
+            "layers": layer_table(layers, costs)}
