@@ -75,6 +75,9 @@ def test_accuracy_and_robustness_against_onnxruntime(audited):
     assert robust["against"] == "labels" and robust["images"] == 8
     assert robust["corruptions"]["clean"] == pytest.approx(np.mean(right[:8]))
     assert robust["fgsm"]["accuracy"][0] == pytest.approx(np.mean(right[:8]))  # epsilon 0: the clean inputs
+    assert robust["fgsm"]["iterative_accuracy"][0] == pytest.approx(np.mean(right[:8]))
+    # the iterative attack is at least as strong as one FGSM step at the same epsilon
+    assert robust["fgsm"]["iterative_accuracy"][1] <= robust["fgsm"]["accuracy"][1]
 
 
 def test_vanilla_faithfulness_equals_the_curves_of_captum_maps(audited):
@@ -91,6 +94,33 @@ def test_vanilla_faithfulness_equals_the_curves_of_captum_maps(audited):
     got = report["faithfulness"]["methods"]["vanilla"]
     assert got["deletion_auc"] == pytest.approx(expected["vanilla"]["deletion_auc"], rel=1e-4)
     assert got["insertion_auc"] == pytest.approx(expected["vanilla"]["insertion_auc"], rel=1e-4)
+
+
+def test_the_iterative_attack_stays_in_its_ball_and_lowers_the_loss(audited):
+    """The basic iterative method: within epsilon of the input (pixel units) and on valid pixels, and the
+    loss of the true labels no lower than one FGSM step's at the same epsilon."""
+    import torch.nn.functional as F
+
+    from convscope_server.gradient import adversarial
+    from convscope_server.gradient.synthesis.common import InputSpace
+
+    model, native, data, base, *_ = audited
+    torch_model = TorchBridges("cpu").get(model)
+    space = InputSpace.of(model.config)
+    samples = np.stack([item.load() for item in list(folder_items(data, base, model.config, 10**7))[:4]])
+    x = torch.cat([space.from_sample(s) for s in samples])
+    y = torch_model.logits(space.model_input(x)).argmax(1).detach()
+    epsilon = 4 / 255
+    attacked = adversarial.iterative(torch_model, space, x, y, epsilon)
+    unit = space.per_pixel_unit()
+    low, high = space.bounds()
+    assert bool(((attacked - x).abs() <= epsilon * unit + 1e-6).all())
+    assert bool((attacked >= low - 1e-6).all() and (attacked <= high + 1e-6).all())
+    one_step = adversarial.fgsm(torch_model, space, x, y, epsilon)
+    with torch.no_grad():
+        loss_iterative = F.cross_entropy(torch_model.logits(space.model_input(attacked)), y).item()
+        loss_fgsm = F.cross_entropy(torch_model.logits(space.model_input(one_step)), y).item()
+    assert loss_iterative >= loss_fgsm
 
 
 def test_the_randomisation_check_equals_the_sanity_rpc_on_the_same_image(audited):

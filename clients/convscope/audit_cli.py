@@ -53,6 +53,8 @@ def metrics(report: dict) -> dict[str, float]:
     fgsm = report.get("robustness", {}).get("fgsm", {})
     if fgsm.get("accuracy"):
         found["fgsm_accuracy"] = fgsm["accuracy"][-1]  # at the largest epsilon
+    if fgsm.get("iterative_accuracy"):
+        found["iterative_attack_accuracy"] = fgsm["iterative_accuracy"][-1]
     return found
 
 
@@ -128,9 +130,13 @@ def _robustness(section: dict) -> figures.Picture:
     axes[0].legend(fontsize=9)
     fgsm = section.get("fgsm", {})
     if fgsm.get("accuracy"):
-        axes[1].plot([e * 255 for e in fgsm["epsilons"]], fgsm["accuracy"], "o-", color="#c44e52")
-        axes[1].set(xlabel="FGSM epsilon (pixel levels of 255)", ylabel="accuracy", ylim=(0, 1.02),
-                    title="Adversarial (FGSM)")
+        axes[1].plot([e * 255 for e in fgsm["epsilons"]], fgsm["accuracy"], "o-", color="#c44e52", label="FGSM")
+        if fgsm.get("iterative_accuracy"):
+            axes[1].plot([e * 255 for e in fgsm["epsilons"]][: len(fgsm["iterative_accuracy"])],
+                         fgsm["iterative_accuracy"], "s--", color="#55a868", label="iterative (10 steps)")
+        axes[1].set(xlabel="epsilon (pixel levels of 255)", ylabel="accuracy", ylim=(0, 1.02),
+                    title="Adversarial perturbations")
+        axes[1].legend(fontsize=9)
     else:
         axes[1].text(0.5, 0.5, "FGSM: " + fgsm.get("unavailable", "not run"), ha="center", va="center", wrap=True)
         figures._blank(axes[1])
@@ -458,8 +464,8 @@ def add_commands(commands, parser) -> None:
         sub.add_argument("--fail-if", action="append", metavar="'METRIC OP NUMBER'",
                          help="exit 6 when the condition holds, e.g. 'accuracy < 0.7' or 'ece > 0.1' (repeatable; "
                          "metrics: accuracy, top5_accuracy, ece, dead_units, saturating_units, faithful_methods, "
-                         "insensitive_methods, worst_corruption_accuracy, fgsm_accuracy, latency_ms, images, "
-                         "labelled, skipped)")
+                         "insensitive_methods, worst_corruption_accuracy, fgsm_accuracy, iterative_attack_accuracy, "
+                         "latency_ms, images, labelled, skipped)")
         sub.add_argument("--out", type=Path, default=None, help="folder for the report site (default: "
                          "convscope-out/COMMAND)")
 

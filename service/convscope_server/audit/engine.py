@@ -296,4 +296,17 @@ def _fgsm(model, torch_model, samples, labels, epsilons, should_stop) -> dict:
         ys = torch.from_numpy(np.asarray(labels, np.int64)).to(torch_model.device)
         accuracy = adversarial.robustness_curve(torch_model, space, xs, ys, list(epsilons),
                                                 model.fixed_batch or 8, should_stop=should_stop)
-    return {"epsilons": list(epsilons), "accuracy": [] if accuracy is None else accuracy.tolist()}
+        iterative = []
+        chunk = model.fixed_batch or 8
+        for epsilon in epsilons:  # the basic iterative method, 10 steps, on the same images
+            if should_stop():
+                break
+            correct = 0
+            for begin in range(0, len(xs), chunk):
+                x, y = xs[begin: begin + chunk], ys[begin: begin + chunk]
+                attacked = adversarial.iterative(torch_model, space, x, y, epsilon)
+                with torch.no_grad():
+                    correct += int((torch_model.logits(space.model_input(attacked)).argmax(1) == y).sum())
+            iterative.append(correct / len(xs))
+    return {"epsilons": list(epsilons), "accuracy": [] if accuracy is None else accuracy.tolist(),
+            "iterative_accuracy": iterative}

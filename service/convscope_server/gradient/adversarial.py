@@ -1,6 +1,7 @@
 """Adversarial examples: the fast gradient sign method (Goodfellow et al. 2015, "Explaining and Harnessing
 Adversarial Examples") and iterative targeted fooling (Kurakin et al. 2017; the lecture's "make this
-image a <class>"), with a robustness curve of top-1 accuracy against epsilon. Epsilon is in [0, 1] pixel
+image a <class>"), the untargeted basic iterative method, with a robustness curve of top-1 accuracy
+against epsilon. Epsilon is in [0, 1] pixel
 units, whatever the model's normalisation.
 """
 
@@ -26,6 +27,25 @@ def fgsm(torch_model, space, x, labels, epsilon: float):
     grad, _ = _loss_gradient(torch_model, space, x, labels)
     adversarial = x + epsilon * space.per_pixel_unit() * grad.sign()
     return torch.maximum(torch.minimum(adversarial, high), low).detach()
+
+
+def iterative(torch_model, space, x, labels, epsilon: float, steps: int = 10):
+    """The basic iterative method (Kurakin et al. 2017): ``steps`` FGSM steps of epsilon / steps * 2.5 up the
+    loss of ``labels``, each projected back into the L-inf ball of ``epsilon`` around x and onto valid
+    pixels. x: (N, C, H, W)."""
+    import torch
+
+    if epsilon <= 0 or steps <= 0:
+        return x
+    low, high = space.bounds()
+    unit = space.per_pixel_unit()
+    step = 2.5 * epsilon / steps
+    floor, ceiling = torch.maximum(x - epsilon * unit, low), torch.minimum(x + epsilon * unit, high)
+    adversarial = x.detach()
+    for _ in range(steps):
+        grad, _ = _loss_gradient(torch_model, space, adversarial, labels)
+        adversarial = torch.maximum(torch.minimum(adversarial + step * unit * grad.sign(), ceiling), floor).detach()
+    return adversarial
 
 
 def targeted(torch_model, space, x, target: int, step_size: float, epsilon: float, steps: int,
