@@ -204,7 +204,7 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
         elif len(chosen):
             maps[method] = _maps(method, model, torch_model, chosen, targets, cam_layer)
         report_progress("faithfulness", step + 1, len(budget.methods))
-    channel_axis, spatial_axes = _input_axes(model.config)
+    _, spatial_axes = _input_axes(model.config)
     report["faithfulness"] = {"images": len(chosen), "unavailable": unavailable, "steps": budget.curve_steps,
                               "gradcam_layer": cam_layer.name if cam_layer else "",
                               "methods": faithfulness(OrtBackend(model).logits, chosen, targets, maps,

@@ -71,7 +71,7 @@ class AuditStore:
             self._running.discard(name)
 
     def publish(self, name: str, report: dict) -> StoredAudit:
-        """Write ``report`` as ``name``'s audit.json atomically and end the run."""
+        """Write ``report`` as ``name``'s audit.json atomically (the run that reserved the name releases it)."""
         root = self._require_root()
         data = json.dumps(report, allow_nan=False, indent=1).encode()
         temporary = root / f".convscope-tmp-{os.getpid()}-{secrets.token_hex(8)}.audit.tmp"
@@ -83,7 +83,6 @@ class AuditStore:
             os.replace(temporary, self._path(name))
         finally:
             temporary.unlink(missing_ok=True)
-            self.release(name)
         return StoredAudit(name, report, len(data))
 
     def get(self, name: str, field: str = "name") -> StoredAudit:
