@@ -4,6 +4,7 @@ figures, audit.json equal to the stored report), the --fail-if verdict and its e
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -27,6 +28,7 @@ def test_audit_writes_a_site_and_gives_a_verdict(audit_server, tmp_path, capsys)
     code = main(base + ["audit", "efficientnet_lite0", "--dataset", "demo", "--limit", "8", "--name", "lite0",
                         "--label-map", str(tmp_path / "map.json"), "--unit-layers", "1", "--attribution-images", "1",
                         "--curve-steps", "2", "--robustness-images", "2", "--method", "occlusion",
+                        "--feature-steps", "2", "--worst-images", "3",
                         "--out", str(out), "--fail-if", "accuracy > 2"])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -40,14 +42,21 @@ def test_audit_writes_a_site_and_gives_a_verdict(audit_server, tmp_path, capsys)
     pictures = [f["file"] for f in figures if f["file"]]
     assert {"units.png", "faithfulness.png", "robustness.png"} <= set(pictures)
     assert all((out / name).stat().st_size > 1000 for name in pictures)
-    import re
-
     for href in re.findall(r'href="([^"]+)"', page):  # every link of the report leads to a file
         assert (out / href).is_file(), href
     assert "layers/index.html" in page and "/_conv_stem/Conv_output_0" in (out / "layers" / "index.html").read_text()
     unit_pages = sorted((out / "units").glob("*/index.html"))
     assert len(unit_pages) == 1 and str(unit_pages[0].relative_to(out)) in page  # linked from the report
-    assert len(json.loads((unit_pages[0].parent / "page.json").read_text())["figures"]) == 1 + 8  # back + 8 channels
+    layer_page = unit_pages[0].read_text()
+    channel_pages = sorted(unit_pages[0].parent.glob("channel_*/index.html"))
+    assert len(channel_pages) == 8 and all(f"{c.parent.name}/index.html" in layer_page for c in channel_pages)
+    for site_page in [out / "index.html", *unit_pages, *channel_pages]:  # every link of every page leads to a file
+        for href in re.findall(r'(?:href|src)="([^"]+)"', site_page.read_text()):
+            assert (site_page.parent / href).resolve().is_file(), (site_page, href)
+    stem = json.loads((channel_pages[0].parent / "page.json").read_text())["figures"]  # the stem's ReLU6: a filter
+    assert {"feature.png", "filter.png", "card.png"} <= {f["file"] for f in stem}
+    assert any(f.get("table") == "neighbours" and len(f["rows"]) == 5 for f in stem)
+    assert "worst.png" in pictures and "per label" in page
 
     assert main(base + ["audits", "show", "lite0", "--out", str(tmp_path / "again"), "--fail-if", "images < 100"]) == 6
     assert "failed images < 100 (it is 8)" in capsys.readouterr().err
@@ -76,6 +85,10 @@ def test_audits_diff_compares_two_versions(audit_server, tmp_path, capsys):
     assert "images" in printed and "vanilla" in printed
     changes = json.loads((tmp_path / "diff" / "diff.json").read_text())
     assert changes["metrics"]["images"] == {"first": 4, "second": 8, "change": 4}
+    # the same model on the same sampled image: its vanilla map has not drifted at all
+    drift = changes["attribution_drift"]["vanilla"]
+    assert sum(g["images"] for g in drift.values()) == 1
+    assert all(g["mean_spearman"] == pytest.approx(1.0) for g in drift.values())
     assert main(base + ["audits", "diff", "v1"]) == 2
 
     # units that died and came alive, on two reports that differ only there
@@ -83,3 +96,15 @@ def test_audits_diff_compares_two_versions(audit_server, tmp_path, capsys):
     second = {"units": {"L": {"dead": [2, 5], "saturating": [], "mean": [], "max": []}}}
     assert diff(first, second)["units"] == {"L": {"died": [5], "revived": [1]}}
     assert diff(first, second)["metrics"]["dead_units"]["change"] == 0
+
+
+def test_spearman_equals_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    from convscope.audit_cli import spearman
+
+    rng = __import__("numpy").random.default_rng(4)
+    a = rng.integers(0, 5, 40).astype(float).tolist()
+    b = (rng.integers(0, 5, 40) + rng.normal(size=40)).tolist()
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert spearman([1.0] * 5, b[:5]) is None

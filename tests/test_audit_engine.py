@@ -48,8 +48,9 @@ def audited(tmp_path_factory):
 def test_every_section_is_there_and_json_ready(audited):
     *_, report, _ = audited
     assert set(report) == {"model", "dataset", "classes", "units", "faithfulness", "randomisation", "robustness",
-                           "stage_seconds"}
-    assert list(report["stage_seconds"]) == ["model card", "scanning", "sections", "map", "faithfulness",
+                           "feature_visualisation", "stage_seconds"}
+    assert list(report["stage_seconds"]) == ["model card", "scanning", "sections", "worst images",
+                                             "feature visualisation", "map", "faithfulness",
                                              "randomisation", "robustness"]
     points = report["dataset"]["map"]["points"]
     assert sorted(p["id"] for p in points) == sorted(f"{label}/{n}.png" for label in ("5", "thing 1", "thing 2")
@@ -184,3 +185,120 @@ def test_unit_pages_equal_the_native_modules_activations(audited):
                 rows = [i for i, item in enumerate(items) if item.label == label]
                 expected = values[rows, card["channel"]].reshape(len(rows), -1).mean(axis=1).mean()
                 assert card["class_means"][label] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def _decode(png_b64: str) -> np.ndarray:
+    import base64
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")).astype(np.int32)
+
+
+def test_worst_images_with_grad_cam_equal_pytorch_grad_cam(audited):
+    """The worst-classified images (lowest probability of their label, by onnxruntime here) carry their own
+    pixels and Grad-CAM overlays for the predicted and the label's class that match pytorch-grad-cam's
+    maps on the native module at the same layer."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from convscope_server import render
+
+    model, native, data, base, report, session = audited
+    truth = {"thing 1": 1, "thing 2": 2, "5": 5}
+    paths = sorted(data.rglob("*.png"))
+    inputs = {f"{p.parent.name}/{p.name}": ((np.asarray(Image.open(p), np.float32) / 255.0 - 0.5) / 0.25
+                                             ).transpose(2, 0, 1) for p in paths}
+    probability = {}
+    for key, x in inputs.items():
+        logits = session.run(None, {"input": x[None]})[0][0].astype(np.float64)
+        p = np.exp(logits - logits.max())
+        probability[key] = (p / p.sum())[truth[key.split("/")[0]]]
+    worst = report["classes"]["worst"]
+    assert [w["id"] for w in worst] == sorted(probability, key=lambda k: probability[k])[: len(worst)]
+    assert report["classes"]["worst_method"] == "gradcam"
+    assert report["classes"]["worst_layer"] == "/relu6/Clip_output_0"
+    with GradCAM(model=native, target_layers=[native.relu6]) as cam:
+        for w in worst:
+            x = inputs[w["id"]]
+            pixels = np.asarray(Image.open(data / w["id"]).convert("RGB"))
+            assert np.abs(_decode(w["png"]) - pixels).max() <= 1
+            for role, target in (("predicted", w["predicted"]), ("label", truth[w["label"]])):
+                expected = cam(input_tensor=torch.from_numpy(x[None]), targets=[ClassifierOutputTarget(target)])[0]
+                reference = render.overlay(pixels, render.normalize(expected)).astype(np.int32)
+                assert np.abs(_decode(w[f"cam_{role}_png"]) - reference).mean() < 2.0, (w["id"], role)
+
+
+def test_unit_neighbours_are_the_most_correlated_channels(audited):
+    """Each channel card's neighbours: the channels whose per-image mean activation correlates most with its
+    own over the dataset (numpy's corrcoef on the native module's activations)."""
+    model, native, data, base, report, _ = audited
+    items = list(folder_items(data, base, model.config, 10**7))
+    store = {}
+    handle = native.relu1.register_forward_hook(lambda m, i, o: store.__setitem__("out", o.detach()))
+    with torch.no_grad():
+        native(torch.from_numpy(np.stack([item.load() for item in items])))
+    handle.remove()
+    means = store["out"].numpy().mean(axis=(2, 3))
+    correlation = np.corrcoef(means.T)
+    for card in report["units"]["/relu1/Relu_output_0"]["pages"]:
+        row = correlation[card["channel"]].copy()
+        row[card["channel"]] = -np.inf
+        expected = np.argsort(-row, kind="stable")[: len(card["neighbours"])]
+        assert [n["channel"] for n in card["neighbours"]] == expected.tolist()
+        np.testing.assert_allclose([n["correlation"] for n in card["neighbours"]], row[expected], atol=1e-5)
+
+
+def test_first_layer_filters_are_the_convolution_weights(audited):
+    """The first unit layer (ReLU after the image's convolution, batch norm folded into it) shows each
+    channel's RGB filter: the exported Conv weights min-max scaled; a deeper layer shows none."""
+    import onnx
+    from onnx import numpy_helper
+
+    model, native, data, base, report, session = audited
+    proto = onnx.load(str(base / "models" / "tiny" / "model.onnx"))
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    weights = next(numpy_helper.to_array(i) for i in proto.graph.initializer if i.name == conv.input[1])
+    for card in report["units"]["/relu1/Relu_output_0"]["pages"]:
+        kernel = weights[card["channel"]]
+        expected = np.round((kernel - kernel.min()) / (kernel.max() - kernel.min()) * 255).transpose(1, 2, 0)
+        tile = _decode(card["filter_png"])
+        scale = tile.shape[0] // kernel.shape[1]
+        np.testing.assert_array_equal(tile[::scale, ::scale], expected)
+    assert all("filter_png" not in card for card in report["units"]["/relu6/Clip_output_0"]["pages"])
+
+
+def test_feature_visualisations_excite_their_channel_and_batch_like_one_at_a_time(audited):
+    """Each tracked channel's feature visualisation raises that channel's mean (onnxruntime on the PNG,
+    against the random start) more than it raises the other channels on average, and the batched ascent gives the image one channel alone would."""
+    import onnx
+
+    from convscope_server.audit.engine import FEATURE_SETTINGS, optimised_tensor
+    from convscope_server.gradient.synthesis import optimize
+    from convscope_server.gradient.synthesis.common import InputSpace, Objective
+
+    model, native, data, base, report, session = audited
+    assert report["feature_visualisation"]["steps"] == BUDGET.feature_steps
+    layer = model.layer("/relu6/Clip_output_0")
+    tensor, axis = optimised_tensor(model, layer)
+    assert tensor == "/conv3/Conv_output_0"  # the Clip's input: a unit at zero on the start still has a gradient
+    space = InputSpace.of(model.config)
+    start = space.random(model.config.height, model.config.width, FEATURE_SETTINGS["seed"])
+    cards = report["units"][layer.name]["pages"]
+    proto = onnx.load(str(base / "models" / "tiny" / "model.onnx"))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    probe = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    start_values = probe.run([tensor], {"input": start.numpy()})[0][0]
+    for card in cards:
+        pixels = _decode(card["feature_png"]).astype(np.float32)
+        x = ((pixels / 255.0 - 0.5) / 0.25).transpose(2, 0, 1)[None]
+        values = probe.run([tensor], {"input": x})[0][0]
+        gain = values.mean(axis=(1, 2)) - start_values.mean(axis=(1, 2))
+        others = np.delete(gain, card["channel"])
+        assert gain[card["channel"]] > 0 and gain[card["channel"]] > others.mean(), card["channel"]
+    torch_model = TorchBridges("cpu").get(model)
+    reg = optimize.Regularizers(decay=FEATURE_SETTINGS["decay"], blur_every=FEATURE_SETTINGS["blur_every"],
+                                blur_sigma=FEATURE_SETTINGS["blur_sigma"], jitter=FEATURE_SETTINGS["jitter"])
+    alone, _ = optimize.ascend(torch_model, space, Objective(layer=tensor, channel=cards[-1]["channel"],
+                                                            channel_axis=axis), start, BUDGET.feature_steps,
+                               FEATURE_SETTINGS["learning_rate"], reg, FEATURE_SETTINGS["seed"])
+    assert np.abs(_decode(cards[-1]["feature_png"]) - space.pixels(alone).astype(np.int32)).max() <= 1

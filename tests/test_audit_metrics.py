@@ -118,3 +118,22 @@ def test_near_duplicates_equal_all_pairs_distances():
     got = metrics.near_duplicates(codes, top=10, chunk=128)
     assert [(p.first, p.second) for p in got] == [(i, j) for _, i, j in pairs]
     np.testing.assert_allclose([p.distance for p in got], [d for d, _, _ in pairs], rtol=1e-9)
+
+
+def test_unit_correlation_equals_numpy_over_batches_and_skips_constant_channels():
+    """The co-moments added batch by batch give numpy's corrcoef of the per-image channel means; a channel
+    that is the same on every image (dead) has no correlation and no neighbours, and is no one's."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(23, 5, 4, 4))
+    values[:, 3] = 0.0  # dead
+    values[:, 4] = 0.7 * values[:, 0] + 0.1 * rng.normal(size=(23, 4, 4))
+    stats = metrics.UnitStatistics(5)
+    for begin in range(0, 23, 7):
+        stats.add(values[begin: begin + 7])
+    means = values.mean(axis=(2, 3))
+    live = [0, 1, 2, 4]
+    np.testing.assert_allclose(stats.correlation()[np.ix_(live, live)], np.corrcoef(means[:, live].T), atol=1e-10)
+    assert np.isnan(stats.correlation()[3]).all()
+    assert stats.neighbours(3) == []
+    assert stats.neighbours(0, 2)[0][0] == 4 and all(c != 3 for c, _ in stats.neighbours(1, 5))
+    assert len(stats.neighbours(1, 5)) == 3

@@ -182,6 +182,57 @@ def _code_map(section: dict, class_name) -> figures.Picture:
     return figures._save(fig, {"points": len(points), "misclassified": len(wrong)})
 
 
+def _pixels(png_b64: str):
+    """A base64 PNG from audit.json as uint8 RGB pixels."""
+    import base64
+
+    return figures.decode(base64.b64decode(png_b64))
+
+
+@figures._styled
+def _feature_overview(layer: str, cards: list[dict], dead: set) -> figures.Picture:
+    """A layer's sampled channels side by side: each one's feature visualisation (or its strongest dataset
+    patch when there is none), titled with the channel."""
+    columns = min(4, max(1, len(cards)))
+    rows = (len(cards) + columns - 1) // columns
+    fig = figures._new(2.6 * columns, 2.8 * rows)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, card in zip(axes, cards):
+        source = card.get("feature_png") or (card["hits"][0]["png"] if card["hits"] else "")
+        if source:
+            ax.imshow(_pixels(source))
+        ax.set_title(f"channel {card['channel']}" + (" (dead)" if card["channel"] in dead else ""), fontsize=10)
+        figures._blank(ax)
+    for ax in axes[len(cards):]:
+        ax.axis("off")
+    return figures._save(fig, {"channels": [card["channel"] for card in cards]})
+
+
+@figures._styled
+def _worst_figure(worst: list[dict], layer: str) -> figures.Picture:
+    """The worst-classified images, each beside its map for the predicted class and for its label's class."""
+    shown = [w for w in worst if w.get("png")]
+    roles = [role for role in ("predicted", "label") if any(f"cam_{role}_png" in w for w in shown)]
+    per_row = 2
+    rows = (len(shown) + per_row - 1) // per_row
+    fig = figures._new(3.6 * per_row * (1 + len(roles)) / 2, 2.4 * rows)
+    axes = fig.subplots(rows, per_row * (1 + len(roles)), squeeze=False)
+    for n, w in enumerate(shown):
+        row, first = divmod(n, per_row)
+        panels = [("png", f"{Path(w['id']).name[:22]}\n{w['label'][:18]}: p {w['true_probability']:.2f}")]
+        panels += [(f"cam_{role}_png", f"why {w['predicted_name'][:16]}" if role == "predicted"
+                    else f"evidence for {w['label'][:14]}") for role in roles]
+        for column, (key, title) in enumerate(panels):
+            ax = axes[row, first * len(panels) + column]
+            if key in w:
+                ax.imshow(_pixels(w[key]))
+            ax.set_title(title, fontsize=8)
+            figures._blank(ax)
+    for ax in axes.ravel()[len(shown) * (1 + len(roles)):]:
+        ax.axis("off")
+    return figures._save(fig, {"images": len(shown), "layer": layer})
+
+
 @figures._styled
 def _channel_card(layer: str, card: dict) -> figures.Picture:
     """One channel: its top images' receptive-field crops with their values, and its mean per label."""
@@ -210,28 +261,89 @@ def _channel_card(layer: str, card: dict) -> figures.Picture:
     return figures._save(fig, {"hits": len(hits), "labels": len(means)})
 
 
+def _channel_folder(channel: int) -> str:
+    return f"channel_{channel}"
+
+
 def _unit_pages(report: dict, out: Path) -> list[tuple[str, str]]:
-    """A page per audited layer with a card per tracked channel; returns (text, href) links to them."""
+    """Microscope-style navigation, layer -> channel -> neighbours: a page per audited layer (its sampled
+    channels' feature visualisations and links) and a page per sampled channel (its filter when it reads
+    the image, feature visualisation, top dataset patches, mean per label, and the channels of its layer
+    that fire on the same images). Returns (text, href) links to the layer pages."""
     links = []
-    for layer, numbers in report["units"].items():
-        cards = numbers.get("pages") or []
-        if not cards:
-            continue
+    layers = [(layer, numbers) for layer, numbers in report["units"].items() if numbers.get("pages")]
+    for position, (layer, numbers) in enumerate(layers):
+        cards = numbers["pages"]
         folder = safe_name(layer.strip("/")) or "layer"
+        dead = set(numbers["dead"])
         page = Page(out / "units" / folder, f"{layer}: {len(cards)} of {numbers['channels']} channels",
-                    report["model"]["name"], "Each channel's top images from the audited dataset, cropped to the "
-                    "receptive field of its strongest unit, and its mean activation per dataset label: what the "
-                    "unit responds to, and for which classes.")
-        page.links("navigation", [("back to the audit", "../../index.html")])
-        for card in cards:
-            dead = card["channel"] in set(numbers["dead"])
-            page.figure(f"channel_{card['channel']}.png", _channel_card(layer, card),
-                        f"channel {card['channel']}" + (" (dead: never active on this dataset)" if dead else ""),
-                        "a coherent row (one texture, part or object) is an interpretable unit; a label far above "
-                        "the others is what the unit votes for", wide=True)
+                    report["model"]["name"], "Each sampled channel of this layer: what it draws when an image is "
+                    "optimised to excite it (feature visualisation) and, on its page, the dataset images that "
+                    "excite it most, its mean activation per label and its neighbours.")
+        navigation = [("back to the audit", "../../index.html")]
+        navigation += [(f"previous layer: {layers[position - 1][0]}",
+                        f"../{safe_name(layers[position - 1][0].strip('/')) or 'layer'}/index.html")] if position else []
+        navigation += ([(f"next layer: {layers[position + 1][0]}",
+                         f"../{safe_name(layers[position + 1][0].strip('/')) or 'layer'}/index.html")]
+                       if position + 1 < len(layers) else [])
+        page.links("navigation", navigation)
+        page.figure("channels.png", _feature_overview(layer, cards, dead),
+                    "feature visualisations of the sampled channels" if any("feature_png" in c for c in cards)
+                    else "the strongest dataset patch of each sampled channel (no feature visualisation: "
+                    + report.get("feature_visualisation", {}).get("unavailable", "not run") + ")",
+                    "early layers draw colours, edges and textures; later ones parts and objects; a noisy grey "
+                    "square is a unit the optimisation could not excite", wide=True)
+        page.links("channels", [(f"channel {c['channel']}" + (" (dead)" if c["channel"] in dead else "")
+                                 + (f": top value {c['hits'][0]['value']:.3g}" if c["hits"] else ""),
+                                 f"{_channel_folder(c['channel'])}/index.html") for c in cards])
         page.write()
+        for number, card in enumerate(cards):
+            _channel_page(report, out / "units" / folder / _channel_folder(card["channel"]), layer, numbers,
+                          cards, number)
         links.append((f"{layer}: {len(cards)} channels", f"units/{folder}/index.html"))
     return links
+
+
+def _channel_page(report: dict, out: Path, layer: str, numbers: dict, cards: list[dict], number: int) -> None:
+    import base64
+
+    card = cards[number]
+    channel = card["channel"]
+    paged = {c["channel"] for c in cards}
+    dead = channel in set(numbers["dead"])
+    page = Page(out, f"{layer} channel {channel}" + (" (dead)" if dead else ""), report["model"]["name"],
+                f"Mean activation {numbers['mean'][channel]:.4g}, largest {numbers['max'][channel]:.4g} over the "
+                f"{numbers['images']} audited images.")
+    navigation = [("the layer", "../index.html"), ("back to the audit", "../../../index.html")]
+    if number:
+        navigation.append((f"previous channel: {cards[number - 1]['channel']}",
+                           f"../{_channel_folder(cards[number - 1]['channel'])}/index.html"))
+    if number + 1 < len(cards):
+        navigation.append((f"next channel: {cards[number + 1]['channel']}",
+                           f"../{_channel_folder(cards[number + 1]['channel'])}/index.html"))
+    page.links("navigation", navigation)
+    if card.get("feature_png"):
+        settings = report.get("feature_visualisation", {})
+        page.image("feature.png", base64.b64decode(card["feature_png"]), "feature visualisation",
+                   f"an image optimised ({settings.get('steps', '?')} steps of regularised gradient ascent from "
+                   "noise) to excite the channel: the pattern it detects, repeated wherever it fits")
+    if card.get("filter_png"):
+        page.image("filter.png", base64.b64decode(card["filter_png"]), "its first-layer filter",
+                   "the weights it applies to the image's pixels: an oriented edge, a colour blob or a colour "
+                   "contrast")
+    page.figure("card.png", _channel_card(layer, card), "top dataset patches and the mean activation per label",
+                "a coherent row (one texture, part or object) is an interpretable unit; a label far above the others "
+                "is what the unit votes for", wide=True)
+    neighbours = card.get("neighbours") or []
+    page.table("neighbours", ["channel", "correlation"],
+               [[n["channel"], f"{n['correlation']:.3f}"] for n in neighbours],
+               "the channels of this layer whose mean activation rises and falls with this one's over the dataset's "
+               "images (Pearson correlation): units that detect the same thing or co-occurring things")
+    linked = [(f"channel {n['channel']} (correlation {n['correlation']:.2f})",
+               f"../{_channel_folder(n['channel'])}/index.html") for n in neighbours if n["channel"] in paged]
+    if linked:
+        page.links("neighbours with a page", linked)
+    page.write()
 
 
 def write_site(report: dict, out: Path, name: str) -> Path:
@@ -289,14 +401,26 @@ def write_site(report: dict, out: Path, name: str) -> Path:
         page.table("worst-classified images", ["image", "label", "p(label)", "predicted"],
                    [[w["id"], w["label"], f"{w['true_probability']:.3f}", f"{w['predicted']} {w['predicted_name']}"]
                     for w in classes["worst"]], "where the model is most wrong: inspect these first")
+        if any(w.get("png") for w in classes["worst"]):
+            method = classes.get("worst_method", "gradcam")
+            page.figure("worst.png", _worst_figure(classes["worst"], classes.get("worst_layer", "")),
+                        "the worst-classified images with " + ("Grad-CAM at " + classes.get("worst_layer", "")
+                                                               if method == "gradcam" else method),
+                        "where the model looked for its wrong answer, and where the evidence for the true class is: "
+                        "background, watermarks or a second object in the wrong-answer map are shortcuts", wide=True)
+        if classes.get("per_label"):
+            page.table("per label", ["label", "images", "accuracy", "mean p(label)"],
+                       [[label, v["images"], f"{v['accuracy']:.3f}", f"{v['mean_probability']:.3f}"]
+                        for label, v in sorted(classes["per_label"].items(), key=lambda item: item[1]["accuracy"])],
+                       "weakest labels first")
     else:
         page.table("predictions", ["class", "images"], [[f"{p['class']} {p['name']}", p["images"]]
                                                        for p in classes["predicted"][:20]],
                    "no label maps to the model's classes: the distribution of predicted classes")
     links = _unit_pages(report, out)
     if links:
-        page.links("unit pages", links, "per layer, each sampled channel's top dataset patches and its mean "
-                   "activation per label")
+        page.links("unit pages", links, "per layer, each sampled channel's feature visualisation, top dataset "
+                   "patches, mean activation per label and neighbours")
     if report["units"]:
         page.figure("units.png", _units(report["units"]), "units: mean activation per channel over the dataset",
                     "dead channels (never active on any image) waste capacity; a long flat tail means few units "
@@ -383,7 +507,8 @@ def cmd_audit(client: Client, args) -> int:
     info = with_progress("auditing", lambda bar: client.run_audit(
         name, args.model, limit=args.limit, label_map=_label_map(args.label_map), overwrite=args.overwrite,
         unit_layers=args.unit_layers, attribution_images=args.attribution_images, curve_steps=args.curve_steps,
-        robustness_images=args.robustness_images, methods=args.method or (), progress=bar, **source))
+        robustness_images=args.robustness_images, methods=args.method or (), feature_steps=args.feature_steps,
+        worst_images=args.worst_images, progress=bar, **source))
     print(f"audit {info.name}: {info.images} images, {info.labelled} labelled"
           + (f", accuracy {info.accuracy:.3f}" if info.labelled else ""))
     return _finish(client.audit(info.name), info.name, args)
@@ -414,7 +539,61 @@ def diff(first: dict, second: dict) -> dict:
         if dead_a != dead_b:
             units[layer] = {"died": sorted(dead_b - dead_a), "revived": sorted(dead_a - dead_b)}
     changes["units"] = units
+    labels_a = first.get("classes", {}).get("per_label", {})
+    labels_b = second.get("classes", {}).get("per_label", {})
+    changes["labels"] = {label: {"accuracy": [labels_a[label]["accuracy"], labels_b[label]["accuracy"]],
+                                 "change": labels_b[label]["accuracy"] - labels_a[label]["accuracy"]}
+                         for label in sorted(set(labels_a) & set(labels_b))}
+    changes["attribution_drift"] = attribution_drift(first, second)
     return changes
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Average ranks (ties share their mean rank), for Spearman's correlation."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start: end + 1]:
+            ranks[i] = (start + end) / 2
+        start = end + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation of two equally long lists; None when either is constant."""
+    ra, rb = _ranks(a), _ranks(b)
+    mean_a, mean_b = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(ra, rb))
+    spread = (sum((x - mean_a) ** 2 for x in ra) * sum((y - mean_b) ** 2 for y in rb)) ** 0.5
+    return None if spread == 0 else cov / spread
+
+
+def attribution_drift(first: dict, second: dict) -> dict:
+    """Per attribution method and per dataset label (the predicted class where there is none): the mean
+    Spearman correlation between the two audits' maps of the same image (same id), from the coarse maps
+    audit.json keeps for the faithfulness sample. 1: the versions look at the same places; near 0 or below:
+    the explanation drifted."""
+    found: dict = {}
+    methods_a = first.get("faithfulness", {}).get("methods", {})
+    methods_b = second.get("faithfulness", {}).get("methods", {})
+    for method in sorted(set(methods_a) & set(methods_b)):
+        maps_b = {row["id"]: row for row in methods_b[method].get("per_image", []) if row.get("map")}
+        groups: dict = {}
+        for row in methods_a[method].get("per_image", []):
+            other = maps_b.get(row.get("id"))
+            if not row.get("map") or other is None:
+                continue
+            rho = spearman([v for line in row["map"] for v in line], [v for line in other["map"] for v in line])
+            if rho is not None:
+                groups.setdefault(row.get("label") or f"predicted {row.get('predicted')}", []).append(rho)
+        if groups:
+            found[method] = {group: {"images": len(values), "mean_spearman": sum(values) / len(values)}
+                             for group, values in sorted(groups.items())}
+    return found
 
 
 def _show_diff(names: tuple[str, str], changes: dict) -> None:
@@ -428,6 +607,18 @@ def _show_diff(names: tuple[str, str], changes: dict) -> None:
         print(table(["method", "beats random", "insensitive to the model"],
                     [[m, " -> ".join(shown(x) for x in v["faithful"]), " -> ".join(shown(x) for x in v["insensitive"])]
                      for m, v in changes["methods"].items()]))
+    drift = changes.get("attribution_drift") or {}
+    if drift:
+        print()
+        print(table(["method", "label", "images", "map correlation (Spearman)"],
+                    [[method, group, v["images"], f"{v['mean_spearman']:.3f}"]
+                     for method, groups in drift.items() for group, v in groups.items()], right={2, 3}))
+    moved = [(label, v) for label, v in (changes.get("labels") or {}).items() if v["change"]]
+    if moved:
+        print()
+        print(table(["label", "accuracy", "change"],
+                    [[label, " -> ".join(f"{x:.3f}" for x in v["accuracy"]), f"{v['change']:+.3f}"]
+                     for label, v in sorted(moved, key=lambda item: item[1]["change"])], right={2}))
     for layer, change in sorted(changes["units"].items()):
         print(f"{layer}: {len(change['died'])} channels died {change['died'][:20]}, "
               f"{len(change['revived'])} came alive {change['revived'][:20]}")
@@ -483,6 +674,10 @@ def add_commands(commands, parser) -> None:
                        "(0: the server's 8)")
     audit.add_argument("--curve-steps", type=int, default=0, help="steps per deletion / insertion curve (0: 16)")
     audit.add_argument("--robustness-images", type=int, default=0, help="images for robustness (0: the server's 64)")
+    audit.add_argument("--feature-steps", type=int, default=0, help="gradient-ascent steps of each unit page's "
+                       "feature visualisation (0: the server's 64; -1: none)")
+    audit.add_argument("--worst-images", type=int, default=0, help="worst-classified images shown with Grad-CAM "
+                       "(0: the server's 12; -1: none)")
     audit.add_argument("--method", action="append", choices=["vanilla", "integrated_gradients", "gradcam",
                                                              "occlusion"],
                        help="attribution methods to check (repeatable; default: all four)")

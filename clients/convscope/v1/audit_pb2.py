@@ -26,7 +26,7 @@ from convscope.v1 import dataset_pb2 as convscope_dot_v1_dot_dataset__pb2
 from convscope.v1 import tensor_pb2 as convscope_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onvscope/v1/audit.proto\x12\x0c\x63onvscope.v1\x1a\x1a\x63onvscope/v1/dataset.proto\x1a\x19\x63onvscope/v1/tensor.proto\"\x91\x01\n\x0b\x41uditBudget\x12\x13\n\x0bunit_layers\x18\x01 \x01(\x05\x12\x1a\n\x12\x61ttribution_images\x18\x02 \x01(\x05\x12\x13\n\x0b\x63urve_steps\x18\x03 \x01(\x05\x12\x19\n\x11robustness_images\x18\x04 \x01(\x05\x12\x10\n\x08\x65psilons\x18\x05 \x03(\x02\x12\x0f\n\x07methods\x18\x06 \x03(\t\"\x1f\n\x0cLabelClasses\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\x03\"\x98\x02\n\tAuditSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x06source\x18\x03 \x01(\x0b\x32\x19.convscope.v1.ImageSource\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x12)\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x19.convscope.v1.AuditBudget\x12\x38\n\tlabel_map\x18\x06 \x03(\x0b\x32%.convscope.v1.AuditSpec.LabelMapEntry\x1aK\n\rLabelMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.convscope.v1.LabelClasses:\x02\x38\x01\"j\n\x0c\x41uditRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x17.convscope.v1.AuditSpecH\x00\x12)\n\x04item\x18\x02 \x01(\x0b\x32\x19.convscope.v1.DatasetItemH\x00\x42\x06\n\x04part\"\x81\x01\n\tAuditInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x03\x12\x10\n\x08labelled\x18\x04 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x12\n\nfile_bytes\x18\x07 \x01(\x03\"l\n\nAuditEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.convscope.v1.AuditInfoH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListAuditsRequest\"=\n\x12ListAuditsResponse\x12\'\n\x06\x61udits\x18\x01 \x03(\x0b\x32\x17.convscope.v1.AuditInfo\"\x1f\n\x0fGetAuditRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x0b\x41uditReport\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.convscope.v1.AuditInfo\x12\x0c\n\x04json\x18\x02 \x01(\t\"\"\n\x12\x44\x65leteAuditRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteAuditResponse2\xbf\x02\n\x0c\x41uditService\x12\x44\n\x08RunAudit\x12\x1a.convscope.v1.AuditRequest\x1a\x18.convscope.v1.AuditEvent(\x01\x30\x01\x12O\n\nListAudits\x12\x1f.convscope.v1.ListAuditsRequest\x1a .convscope.v1.ListAuditsResponse\x12\x44\n\x08GetAudit\x12\x1d.convscope.v1.GetAuditRequest\x1a\x19.convscope.v1.AuditReport\x12R\n\x0b\x44\x65leteAudit\x12 .convscope.v1.DeleteAuditRequest\x1a!.convscope.v1.DeleteAuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onvscope/v1/audit.proto\x12\x0c\x63onvscope.v1\x1a\x1a\x63onvscope/v1/dataset.proto\x1a\x19\x63onvscope/v1/tensor.proto\"\xbe\x01\n\x0b\x41uditBudget\x12\x13\n\x0bunit_layers\x18\x01 \x01(\x05\x12\x1a\n\x12\x61ttribution_images\x18\x02 \x01(\x05\x12\x13\n\x0b\x63urve_steps\x18\x03 \x01(\x05\x12\x19\n\x11robustness_images\x18\x04 \x01(\x05\x12\x10\n\x08\x65psilons\x18\x05 \x03(\x02\x12\x0f\n\x07methods\x18\x06 \x03(\t\x12\x15\n\rfeature_steps\x18\x07 \x01(\x05\x12\x14\n\x0cworst_images\x18\x08 \x01(\x05\"\x1f\n\x0cLabelClasses\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\x03\"\x98\x02\n\tAuditSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x06source\x18\x03 \x01(\x0b\x32\x19.convscope.v1.ImageSource\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x12)\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x19.convscope.v1.AuditBudget\x12\x38\n\tlabel_map\x18\x06 \x03(\x0b\x32%.convscope.v1.AuditSpec.LabelMapEntry\x1aK\n\rLabelMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.convscope.v1.LabelClasses:\x02\x38\x01\"j\n\x0c\x41uditRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x17.convscope.v1.AuditSpecH\x00\x12)\n\x04item\x18\x02 \x01(\x0b\x32\x19.convscope.v1.DatasetItemH\x00\x42\x06\n\x04part\"\x81\x01\n\tAuditInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x03\x12\x10\n\x08labelled\x18\x04 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x12\n\nfile_bytes\x18\x07 \x01(\x03\"l\n\nAuditEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.convscope.v1.ProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.convscope.v1.AuditInfoH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListAuditsRequest\"=\n\x12ListAuditsResponse\x12\'\n\x06\x61udits\x18\x01 \x03(\x0b\x32\x17.convscope.v1.AuditInfo\"\x1f\n\x0fGetAuditRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x0b\x41uditReport\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.convscope.v1.AuditInfo\x12\x0c\n\x04json\x18\x02 \x01(\t\"\"\n\x12\x44\x65leteAuditRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteAuditResponse2\xbf\x02\n\x0c\x41uditService\x12\x44\n\x08RunAudit\x12\x1a.convscope.v1.AuditRequest\x1a\x18.convscope.v1.AuditEvent(\x01\x30\x01\x12O\n\nListAudits\x12\x1f.convscope.v1.ListAuditsRequest\x1a .convscope.v1.ListAuditsResponse\x12\x44\n\x08GetAudit\x12\x1d.convscope.v1.GetAuditRequest\x1a\x19.convscope.v1.AuditReport\x12R\n\x0b\x44\x65leteAudit\x12 .convscope.v1.DeleteAuditRequest\x1a!.convscope.v1.DeleteAuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDITSPEC_LABELMAPENTRY']._loaded_options = None
   _globals['_AUDITSPEC_LABELMAPENTRY']._serialized_options = b'8\001'
   _globals['_AUDITBUDGET']._serialized_start=98
-  _globals['_AUDITBUDGET']._serialized_end=243
-  _globals['_LABELCLASSES']._serialized_start=245
-  _globals['_LABELCLASSES']._serialized_end=276
-  _globals['_AUDITSPEC']._serialized_start=279
-  _globals['_AUDITSPEC']._serialized_end=559
-  _globals['_AUDITSPEC_LABELMAPENTRY']._serialized_start=484
-  _globals['_AUDITSPEC_LABELMAPENTRY']._serialized_end=559
-  _globals['_AUDITREQUEST']._serialized_start=561
-  _globals['_AUDITREQUEST']._serialized_end=667
-  _globals['_AUDITINFO']._serialized_start=670
-  _globals['_AUDITINFO']._serialized_end=799
-  _globals['_AUDITEVENT']._serialized_start=801
-  _globals['_AUDITEVENT']._serialized_end=909
-  _globals['_LISTAUDITSREQUEST']._serialized_start=911
-  _globals['_LISTAUDITSREQUEST']._serialized_end=930
-  _globals['_LISTAUDITSRESPONSE']._serialized_start=932
-  _globals['_LISTAUDITSRESPONSE']._serialized_end=993
-  _globals['_GETAUDITREQUEST']._serialized_start=995
-  _globals['_GETAUDITREQUEST']._serialized_end=1026
-  _globals['_AUDITREPORT']._serialized_start=1028
-  _globals['_AUDITREPORT']._serialized_end=1094
-  _globals['_DELETEAUDITREQUEST']._serialized_start=1096
-  _globals['_DELETEAUDITREQUEST']._serialized_end=1130
-  _globals['_DELETEAUDITRESPONSE']._serialized_start=1132
-  _globals['_DELETEAUDITRESPONSE']._serialized_end=1153
-  _globals['_AUDITSERVICE']._serialized_start=1156
-  _globals['_AUDITSERVICE']._serialized_end=1475
+  _globals['_AUDITBUDGET']._serialized_end=288
+  _globals['_LABELCLASSES']._serialized_start=290
+  _globals['_LABELCLASSES']._serialized_end=321
+  _globals['_AUDITSPEC']._serialized_start=324
+  _globals['_AUDITSPEC']._serialized_end=604
+  _globals['_AUDITSPEC_LABELMAPENTRY']._serialized_start=529
+  _globals['_AUDITSPEC_LABELMAPENTRY']._serialized_end=604
+  _globals['_AUDITREQUEST']._serialized_start=606
+  _globals['_AUDITREQUEST']._serialized_end=712
+  _globals['_AUDITINFO']._serialized_start=715
+  _globals['_AUDITINFO']._serialized_end=844
+  _globals['_AUDITEVENT']._serialized_start=846
+  _globals['_AUDITEVENT']._serialized_end=954
+  _globals['_LISTAUDITSREQUEST']._serialized_start=956
+  _globals['_LISTAUDITSREQUEST']._serialized_end=975
+  _globals['_LISTAUDITSRESPONSE']._serialized_start=977
+  _globals['_LISTAUDITSRESPONSE']._serialized_end=1038
+  _globals['_GETAUDITREQUEST']._serialized_start=1040
+  _globals['_GETAUDITREQUEST']._serialized_end=1071
+  _globals['_AUDITREPORT']._serialized_start=1073
+  _globals['_AUDITREPORT']._serialized_end=1139
+  _globals['_DELETEAUDITREQUEST']._serialized_start=1141
+  _globals['_DELETEAUDITREQUEST']._serialized_end=1175
+  _globals['_DELETEAUDITRESPONSE']._serialized_start=1177
+  _globals['_DELETEAUDITRESPONSE']._serialized_end=1198
+  _globals['_AUDITSERVICE']._serialized_start=1201
+  _globals['_AUDITSERVICE']._serialized_end=1520
 # @@protoc_insertion_point(module_scope)

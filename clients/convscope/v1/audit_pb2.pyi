@@ -9,20 +9,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AuditBudget(_message.Message):
-    __slots__ = ("unit_layers", "attribution_images", "curve_steps", "robustness_images", "epsilons", "methods")
+    __slots__ = ("unit_layers", "attribution_images", "curve_steps", "robustness_images", "epsilons", "methods", "feature_steps", "worst_images")
     UNIT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_IMAGES_FIELD_NUMBER: _ClassVar[int]
     CURVE_STEPS_FIELD_NUMBER: _ClassVar[int]
     ROBUSTNESS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     EPSILONS_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    WORST_IMAGES_FIELD_NUMBER: _ClassVar[int]
     unit_layers: int
     attribution_images: int
     curve_steps: int
     robustness_images: int
     epsilons: _containers.RepeatedScalarFieldContainer[float]
     methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, unit_layers: _Optional[int] = ..., attribution_images: _Optional[int] = ..., curve_steps: _Optional[int] = ..., robustness_images: _Optional[int] = ..., epsilons: _Optional[_Iterable[float]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    feature_steps: int
+    worst_images: int
+    def __init__(self, unit_layers: _Optional[int] = ..., attribution_images: _Optional[int] = ..., curve_steps: _Optional[int] = ..., robustness_images: _Optional[int] = ..., epsilons: _Optional[_Iterable[float]] = ..., methods: _Optional[_Iterable[str]] = ..., feature_steps: _Optional[int] = ..., worst_images: _Optional[int] = ...) -> None: ...
 
 class LabelClasses(_message.Message):
     __slots__ = ("classes",)

@@ -36,7 +36,14 @@ def budget_of(spec) -> AuditBudget:
         curve_steps=positive(given.curve_steps, default.curve_steps, "spec.budget.curve_steps", 256),
         robustness_images=positive(given.robustness_images, default.robustness_images,
                                    "spec.budget.robustness_images", 4096),
-        epsilons=epsilons or default.epsilons, methods=methods or default.methods)
+        epsilons=epsilons or default.epsilons, methods=methods or default.methods,
+        feature_steps=_or_none(given.feature_steps, default.feature_steps, "spec.budget.feature_steps", 1000),
+        worst_images=_or_none(given.worst_images, default.worst_images, "spec.budget.worst_images", 256))
+
+
+def _or_none(value: int, default: int, field: str, most: int) -> int:
+    """A budget count where 0 takes the default and -1 turns the part off."""
+    return 0 if value == -1 else positive(value, default, field, most)
 
 
 def info_of(name: str, report: dict, file_bytes: int = 0) -> audit_pb2.AuditInfo:

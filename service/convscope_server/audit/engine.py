@@ -37,6 +37,9 @@ class AuditBudget:
     map_points: int = 2000           # images on the t-SNE map of the codes (a seeded random subset beyond)
     unit_channels: int = 8           # channels per unit layer with a page: top patches, mean per label
     unit_patches: int = 6            # top images per such channel
+    feature_steps: int = 64          # gradient-ascent steps of each such channel's feature visualisation (0: none)
+    worst_images: int = 12           # worst-classified images shown with Grad-CAM (0: none)
+    neighbours: int = 5              # per such channel, the channels that fire on the same images
 
 
 def unit_layers(model, count: int) -> list:
@@ -163,9 +166,17 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
         if channels > 0 and budget.unit_channels > 0:
             count = min(channels, budget.unit_channels)
             track[layer.name] = np.unique(np.linspace(0, channels - 1, count).round().astype(np.int64)).tolist()
+    mapping_cache: dict = {}
+
+    def accepted(label: str):
+        if label not in mapping_cache:
+            found, _ = class_mapping([label], model.labels, label_map, model.num_classes)
+            mapping_cache[label] = found.get(label)
+        return mapping_cache[label]
+
     result = scan(model, items, classifier_input(model.proto, model.config.logits_output), layers, model.run_batch,
                   should_stop, lambda done: report_progress("scanning", done, 0), workers, _ceilings(model, layers),
-                  keep=keep, track=track, k=budget.unit_patches)
+                  keep=keep, track=track, k=budget.unit_patches, accepted=accepted, worst=budget.worst_images)
     if should_stop():
         return None
     report["dataset"] = {"images": len(result.ids), "skipped": [{"id": f.id, "reason": f.reason}
@@ -176,6 +187,10 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     report["units"] = sections.units(result)
     for name, cards in sections.unit_channels(result, model).items():
         report["units"][name]["pages"] = cards
+        _add_neighbours(cards, result.units[name], budget.neighbours)
+        filters = first_layer_filters(model, name)
+        for channel_card in cards if filters is not None else ():
+            channel_card["filter_png"] = _filter_png(filters, channel_card["channel"], model.config)
     report["dataset"].update(sections.dataset(result))
 
     samples = result.kept
@@ -184,6 +199,25 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     labelled = [i for i, a in enumerate(accepted) if a]
     gradient_reason = torch_model if isinstance(torch_model, str) else ""
     cam_layer = layers[-1] if layers else None
+
+    clock.enter("worst images")
+    _worst_pictures(report["classes"], result, model, torch_model, gradient_reason, cam_layer, mapping, should_stop,
+                    lambda step, total: report_progress("worst images", step, total))
+
+    clock.enter("feature visualisation")
+    if gradient_reason:
+        report["feature_visualisation"] = {"unavailable": gradient_reason}
+    elif budget.feature_steps > 0 and track:
+        found = _feature_visualisations(model, torch_model, track, budget.feature_steps, should_stop,
+                                        lambda step, total: report_progress("feature visualisation", step, total))
+        if found is None:
+            return None
+        for name, cards in report["units"].items():
+            for channel_card in cards.get("pages") or ():
+                channel_card["feature_png"] = found[name][channel_card["channel"]]
+        report["feature_visualisation"] = {"steps": budget.feature_steps, **FEATURE_SETTINGS}
+    else:
+        report["feature_visualisation"] = {"unavailable": "no channel tracked or no steps in the budget"}
 
     clock.enter("map")
     report["dataset"]["map"] = _code_map(result, mapping, budget.map_points, should_stop,
@@ -210,6 +244,13 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
                               "methods": faithfulness(OrtBackend(model).logits, chosen, targets, maps,
                                                       np.zeros_like(chosen[0]), spatial_axes, budget.curve_steps,
                                                       model.run_batch, should_stop) if len(chosen) else {}}
+    if report["faithfulness"]["methods"] is None:
+        return None
+    for method, numbers in report["faithfulness"]["methods"].items():  # what `audits diff` compares per image
+        for row, image in enumerate(numbers["per_image"]):
+            image.update(id=result.ids[row], label=result.labels[row], predicted=targets[row])
+            if method in maps:
+                image["map"] = coarse_map(maps[method][row]).tolist()
 
     clock.enter("randomisation")
     report["randomisation"] = _randomisation(model, torch_model, gradient_reason, chosen[:1], targets[:1],
@@ -233,6 +274,164 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     clock.enter(None)
     report["stage_seconds"] = clock.seconds
     return None if should_stop() else report
+
+
+COARSE = 14
+
+
+def coarse_map(attribution_map: np.ndarray, size: int = COARSE) -> np.ndarray:
+    """An (H, W) map as ``size`` x ``size`` block means (rounded to 5 decimals): small enough for audit.json,
+    fine enough to compare where two model versions look (``audits diff``)."""
+    from convscope_server import render
+
+    values = np.nan_to_num(np.asarray(attribution_map, np.float64))
+    return np.round(render.resize(values, size, size), 5)
+
+
+def _add_neighbours(cards: list[dict], statistics, count: int) -> None:
+    """Each channel card's ``neighbours``: the channels of its layer whose per-image mean activation
+    correlates most with its own over the dataset."""
+    if count <= 0 or not cards:
+        return
+    correlation = statistics.correlation()
+    for card in cards:
+        card["neighbours"] = [{"channel": c, "correlation": rho}
+                              for c, rho in statistics.neighbours(card["channel"], count, correlation)]
+
+
+PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "BatchNormalization", "Identity", "HardSigmoid", "HardSwish", "Elu",
+                "Selu", "Sigmoid", "PRelu", "Add", "Sub", "Mul", "Div"}
+
+
+def first_layer_filters(model, layer_name: str):
+    """The (C, in, kh, kw) weights of the Conv that reads the image and makes ``layer_name`` channel for
+    channel (through activations, batch norm and constant arithmetic only), or None: then a channel of
+    this layer has no single filter to show."""
+    producers = {output: node for node in model.proto.graph.node for output in node.output}
+    name = layer_name
+    for _ in range(16):
+        node = producers.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Conv":
+            weights = model.constants.get(node.input[1])
+            source = model.layer(node.input[0]) if node.input[0] in {l.name for l in model.layers} else None
+            group = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
+            sees_pixels = (source is not None and source.spatial is not None and source.spatial.h.size == 1
+                           and source.spatial.w.size == 1)
+            return weights if weights is not None and weights.ndim == 4 and sees_pixels and group == 1 else None
+        if node.op_type not in PASS_THROUGH:
+            return None
+        data = [i for i in node.input if i and i not in model.constants]
+        if len(set(data)) != 1:
+            return None  # two computed inputs (e.g. a residual sum): no single filter
+        name = data[0]
+    return None
+
+
+def _filter_png(weights: np.ndarray, channel: int, config) -> str:
+    """One first-layer filter as a base64 PNG: RGB when it reads three colour channels, else grayscale."""
+    import base64
+
+    from convscope_server import render
+
+    kernel = weights[channel]
+    if kernel.shape[0] == 3:
+        tile = (render.normalize(kernel) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        tile = tile[..., ::-1] if config.channel_order == "BGR" else tile
+    else:
+        tile = render.grid([(render.normalize(k) * 255).round().astype(np.uint8) for k in kernel], pad=1)
+    scale = max(1, 96 // max(tile.shape[:2]))
+    return base64.b64encode(render.png(render.upscale(tile, scale))).decode()
+
+
+FEATURE_SETTINGS = {"learning_rate": 0.1, "decay": 0.001, "blur_every": 4, "blur_sigma": 0.5, "jitter": 4, "seed": 0}
+
+
+def optimised_tensor(model, layer) -> tuple[str, int]:
+    """(tensor, channel axis) a channel's feature visualisation maximises: the input of ``layer`` when it
+    is an activation of a same-shaped tensor (a rectified unit that is zero on the random start would give
+    no gradient), else the layer itself."""
+    axis = acts.channel_axis(layer.shape, layer.layout, layer.op_type)
+    node = next((n for n in model.proto.graph.node if layer.name in n.output), None)
+    if node is not None and node.op_type in ACTIVATIONS and node.input and node.input[0] not in model.constants:
+        try:
+            source = model.layer(node.input[0])
+        except Exception:  # noqa: BLE001 - an input the analysis does not list: optimise the layer itself
+            source = None
+        if source is not None and tuple(source.shape) == tuple(layer.shape) and source.layout == layer.layout:
+            return source.name, axis
+    return layer.name, axis
+
+
+def _feature_visualisations(model, torch_model, track: dict, steps: int, should_stop, progress) -> dict | None:
+    """{layer: {channel: base64 PNG}}: each tracked channel's feature visualisation (Yosinski et al. 2015:
+    regularised gradient ascent of the channel's mean from a random image, jittered and blurred), many
+    channels per batch (``optimize.ascend`` normalises each image's step on its own). None when stopped."""
+    import base64
+
+    import torch
+
+    from convscope_server import render
+    from convscope_server.gradient.synthesis import optimize
+    from convscope_server.gradient.synthesis.common import ChannelsObjective, InputSpace
+
+    space = InputSpace.of(model.config, torch_model.device)
+    settings = FEATURE_SETTINGS
+    reg = optimize.Regularizers(decay=settings["decay"], blur_every=settings["blur_every"],
+                                blur_sigma=settings["blur_sigma"], jitter=settings["jitter"])
+    units = []
+    for name, channels in track.items():
+        tensor, axis = optimised_tensor(model, model.layer(name))
+        units += [(name, tensor, axis, channel) for channel in channels]
+    chunk = model.fixed_batch or 8
+    found: dict = {name: {} for name in track}
+    chunks = (len(units) + chunk - 1) // chunk
+    with torch_model.scope():
+        for number, begin in enumerate(range(0, len(units), chunk)):
+            part = units[begin: begin + chunk]
+            start = torch.cat([space.random(model.config.height, model.config.width, settings["seed"])] * len(part))
+            done = optimize.ascend(torch_model, space, ChannelsObjective([(t, a, c) for _, t, a, c in part]), start,
+                                   steps, settings["learning_rate"], reg, settings["seed"],
+                                   lambda step, loss, x, number=number: progress(number * steps + step, chunks * steps),
+                                   should_stop)
+            if done is None:
+                return None
+            for row, (name, _, _, channel) in enumerate(part):
+                png = render.png(space.pixels(done[0][row: row + 1]))
+                found[name][channel] = base64.b64encode(png).decode()
+    return found
+
+
+def _worst_pictures(section: dict, result, model, torch_model, reason: str, cam_layer, mapping, should_stop,
+                    progress) -> None:
+    """The worst-classified images (kept by the scan) as PNGs with, beside each, Grad-CAM at ``cam_layer``
+    for the predicted class and for the label's class (Selvaraju et al. 2017): where the model looked
+    for its wrong answer, and where it would look for the right one. Without a gradient path, occlusion
+    (forward-only) for the predicted class, and the reason."""
+    import base64
+
+    from convscope_server import render
+
+    rows = [w for w in section.get("worst", []) if w["index"] in result.loaders]
+    if not rows:
+        return
+    method = "gradcam" if not reason and cam_layer is not None else "occlusion"
+    section["worst_method"] = method if method == "gradcam" else f"occlusion ({reason or 'no Grad-CAM layer'})"
+    section["worst_layer"] = cam_layer.name if method == "gradcam" else ""
+    for step, row in enumerate(rows):
+        if should_stop():
+            return
+        sample = result.loaders[row["index"]][1]()
+        pixels = render.display_image(sample, model.config)
+        row["png"] = base64.b64encode(render.png(pixels)).decode()
+        label_class = mapping[row["label"]][0]
+        targets = {"predicted": row["predicted"]} | ({"label": label_class} if method == "gradcam" else {})
+        for role, target in targets.items():
+            heat = _maps(method, model, torch_model, sample[None], [target], cam_layer)[0]
+            row[f"cam_{role}_png"] = base64.b64encode(
+                render.png(render.overlay(pixels, render.normalize(np.nan_to_num(heat))))).decode()
+        progress(step + 1, len(rows))
 
 
 def _code_map(result, mapping, points: int, should_stop, progress) -> dict:

@@ -127,7 +127,8 @@ def perturbation_curve(score, sample: np.ndarray, baseline: np.ndarray, attribut
 class UnitStatistics:
     """Per-channel statistics of one layer over a scan, fed batch by batch with channels-first values
     (N, C, ...): maximum, mean, the fraction of positions above ``threshold`` (active) and at or above a
-    ``ceiling`` (saturated; ReLU6's 6), and the images counted."""
+    ``ceiling`` (saturated; ReLU6's 6), the images counted, and the co-moments of the per-image channel
+    means (C x C), from which :meth:`neighbours` finds the channels that fire on the same images."""
 
     def __init__(self, channels: int, threshold: float = 0.0, ceiling: float | None = None):
         self.threshold, self.ceiling = threshold, ceiling
@@ -137,9 +138,14 @@ class UnitStatistics:
         self.total = np.zeros(channels)
         self.active = np.zeros(channels)
         self.saturated = np.zeros(channels)
+        self.image_mean_sum = np.zeros(channels)
+        self.image_mean_products = np.zeros((channels, channels))
 
     def add(self, values: np.ndarray) -> None:
         flat = np.moveaxis(np.asarray(values, np.float64), 1, 0).reshape(len(self.maximum), -1)
+        per_image = np.asarray(values, np.float64).reshape(values.shape[0], values.shape[1], -1).mean(axis=2)
+        self.image_mean_sum += per_image.sum(axis=0)
+        self.image_mean_products += per_image.T @ per_image
         self.images += values.shape[0]
         self.positions += flat.shape[1]
         self.maximum = np.maximum(self.maximum, flat.max(axis=1))
@@ -155,6 +161,28 @@ class UnitStatistics:
     def dead(self) -> np.ndarray:
         """Channels never above the threshold, at any position of any image."""
         return np.flatnonzero(self.maximum <= self.threshold)
+
+    def correlation(self) -> np.ndarray:
+        """Pearson correlation between channels of their per-image mean activation over the scanned images
+        (C x C; NaN where a channel's mean is the same on every image, e.g. a dead channel)."""
+        n = max(1, self.images)
+        mean = self.image_mean_sum / n
+        covariance = self.image_mean_products / n - np.outer(mean, mean)
+        spread = np.sqrt(np.maximum(np.diag(covariance), 0.0))
+        scale = np.outer(spread, spread)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            found = covariance / scale
+        found[scale <= 1e-12 * max(1.0, float(np.abs(mean).max(initial=0.0))) ** 2] = np.nan
+        return np.clip(found, -1.0, 1.0)
+
+    def neighbours(self, channel: int, count: int = 5, correlation: np.ndarray | None = None) -> list[tuple[int, float]]:
+        """The ``count`` other channels whose per-image mean activation correlates most with ``channel``'s
+        over the dataset, as (channel, correlation), strongest first (ties: lower channel first); empty when
+        ``channel`` is constant over the dataset."""
+        row = (self.correlation() if correlation is None else correlation)[channel].copy()
+        row[channel] = np.nan
+        order = [c for c in np.argsort(-np.nan_to_num(row, nan=-np.inf), kind="stable") if np.isfinite(row[c])]
+        return [(int(c), float(row[c])) for c in order[:count]]
 
     def saturating(self, share: float = 0.5) -> np.ndarray:
         """Channels at or above the ceiling at more than ``share`` of their positions."""

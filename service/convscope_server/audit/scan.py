@@ -66,6 +66,8 @@ class ScanResult:
     top: dict = field(default_factory=dict)   # layer -> TopActivations of its tracked channels
     loaders: dict = field(default_factory=dict)  # scan index -> (id, loader) of images some table keeps
     class_sums: dict = field(default_factory=dict)  # layer -> {label: (sum of per-image channel means, images)}
+    worst: list = field(default_factory=list)  # [(probability of the label, scan index)], lowest first
+    indices: list[int] = field(default_factory=list)  # scan index of each row (rows skip unreadable items)
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -75,14 +77,17 @@ class ScanResult:
 def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list, batch_size: int,
          should_stop: Callable[[], bool], progress: Callable[[int], None] | None = None, workers: int = 0,
          ceiling: dict[str, float] | None = None, keep: int = 0, track: dict | None = None,
-         k: int = 6) -> ScanResult:
+         k: int = 6, accepted: Callable[[str], tuple[int, ...] | None] | None = None, worst: int = 0) -> ScanResult:
     """One pass of ``items`` through ``model``: logits, the flattened values of ``code_layer`` and
     :class:`UnitStatistics` of each layer in ``unit_layers`` (``LayerInfo`` objects; channels read on
     the axis their layout names). ``ceiling`` gives a layer's saturation value (ReLU6: 6). Unreadable
     items are recorded in ``failures`` and left out. The first ``keep`` inputs are kept (``kept``) for the
     sections that run on a sample. ``track`` (layer -> channel indices) keeps, for those channels, the
     ``k`` images that excite each most (``top``, with the loaders of the images still referenced, as
-    TopPatches does) and each label's mean activation per channel (``class_sums``)."""
+    TopPatches does) and each label's mean activation per channel (``class_sums``). With ``accepted``
+    (label -> the class indices that count as right, None when it maps to none), the ``worst`` images —
+    the lowest probability of their label, ties to the earlier image — are kept with their loaders
+    (``worst``), for pictures of what the model gets most wrong."""
     backend = OrtBackend(model)
     result = ScanResult()
     logits_name = model.config.logits_output
@@ -103,8 +108,11 @@ def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list
             result.units[layer.name].add(first)
             if track and layer.name in track:
                 _track(result, layer.name, first, np.asarray(track[layer.name], np.int64), k, batch)
-        if track:
-            referenced = set().union(*(table.referenced() for table in result.top.values()))
+        if accepted is not None and worst > 0:
+            _keep_worst(result, values[logits_name].reshape(len(batch.inputs), -1), batch, accepted, worst)
+        if track or result.worst:
+            referenced = set().union(*(table.referenced() for table in result.top.values()),
+                                     (index for _, index in result.worst))
             for row, index in enumerate(batch.indices):
                 if index in referenced:
                     result.loaders[index] = (batch.ids[row], batch.loaders[row])
@@ -112,6 +120,7 @@ def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list
                 del result.loaders[index]
         result.ids += batch.ids
         result.labels += batch.labels
+        result.indices += list(batch.indices)
         if progress is not None:
             progress(batch.indices[-1] + 1)
     result.logits = np.concatenate(logits) if logits else np.zeros((0, model.num_classes), np.float32)
@@ -119,6 +128,17 @@ def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list
         result.codes = np.concatenate(codes) if codes else np.zeros((0, 0), np.float32)
     result.kept = np.concatenate(kept) if kept else np.zeros((0, *model_input_shape(model)), np.float32)
     return result
+
+
+def _keep_worst(result: ScanResult, logits: np.ndarray, batch, accepted, count: int) -> None:
+    """Merge this batch's labelled images into the ``count`` with the lowest probability of their label."""
+    probabilities = softmax(logits.astype(np.float64))
+    found = list(result.worst)
+    for row, label in enumerate(batch.labels):
+        classes = accepted(label) if label else None
+        if classes:
+            found.append((float(probabilities[row, list(classes)].sum()), int(batch.indices[row])))
+    result.worst = sorted(found)[:count]
 
 
 def _track(result: ScanResult, name: str, values: np.ndarray, channels: np.ndarray, k: int, batch) -> None:

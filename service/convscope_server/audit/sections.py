@@ -50,10 +50,22 @@ def classes(result, mapping: dict[str, tuple[int, ...]], unmapped: list[str], cl
              "accuracy": None if not calibration.count[b] else float(calibration.accuracy[b])}
             for b in range(bins)]},
         "worst": [{"id": result.ids[rows[r]], "label": result.labels[rows[r]],
+                   "index": int(result.indices[rows[r]]) if result.indices else rows[r],
                    "true_probability": float(true_probability[r]), "predicted": int(ranked[r, 0]),
                    "predicted_name": class_name(int(ranked[r, 0]))} for r in worst_rows.tolist()],
+        "per_label": _per_label(result, rows, correct, true_probability),
     })
     return section
+
+
+def _per_label(result, rows: list[int], correct: np.ndarray, true_probability: np.ndarray) -> dict:
+    """Per dataset label: its images, accuracy and mean probability of the label."""
+    found: dict = {}
+    for r, row in enumerate(rows):
+        found.setdefault(result.labels[row], []).append(r)
+    return {label: {"images": len(members), "accuracy": float(correct[members].mean()),
+                    "mean_probability": float(true_probability[members].mean())}
+            for label, members in sorted(found.items())}
 
 
 def units(result, saturation_share: float = 0.5) -> dict:

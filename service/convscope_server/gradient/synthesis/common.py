@@ -104,6 +104,21 @@ class Objective:
         return plane.mean() if self.position is None else plane[:, self.position[0], self.position[1]].sum()
 
 
+@dataclass
+class ChannelsObjective:
+    """One channel per image of a batch (feature visualisation of many units in one pass): image i
+    maximises the mean of ``units[i]`` = (layer, channel axis, channel); the value is the sum over images."""
+
+    units: list[tuple[str, int, int]]
+
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(layer for layer, _, _ in self.units))
+
+    def value(self, logits, store):
+        return sum(store[layer][i].select(axis - 1, channel).mean()
+                   for i, (layer, axis, channel) in enumerate(self.units))
+
+
 def gaussian_blur(x, sigma: float):
     """Separable Gaussian blur of a (1, C, H, W) tensor (reflect padding)."""
     import torch

@@ -26,15 +26,19 @@ class Regularizers:
 
 
 def _percentile_mask(values, percentile: float):
+    """1 where ``values`` (N, 1, H, W) reach their image's ``percentile``, else 0."""
     import torch
 
-    threshold = torch.quantile(values.flatten(), percentile / 100.0)
-    return (values >= threshold).to(values.dtype)
+    threshold = torch.quantile(values.flatten(1), percentile / 100.0, dim=1)
+    return (values >= threshold.view(-1, *([1] * (values.dim() - 1)))).to(values.dtype)
 
 
 def ascend(torch_model, space, objective, x, steps: int, lr: float, reg: Regularizers, seed: int = 0,
            report=None, should_stop=None):
-    """Gradient ascent of ``objective`` from ``x`` (1, C, H, W). Returns (x, losses) or None when stopped."""
+    """Gradient ascent of ``objective`` from ``x`` (N, C, H, W). Each image's step is normalised by its own
+    mean absolute gradient and its clipping percentiles are its own, so a batch of N images with an
+    objective that sums one term per image ascends each as it would alone. Returns (x, losses) or None
+    when stopped."""
     import torch
 
     low, high = space.bounds()
@@ -54,7 +58,7 @@ def ascend(torch_model, space, objective, x, steps: int, lr: float, reg: Regular
             total.backward()
         grad = torch.roll(shifted.grad, (-dy, -dx), (2, 3))
         with torch.no_grad():
-            x = x + lr * grad / (grad.abs().mean() + 1e-12)
+            x = x + lr * grad / (grad.abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-12)
             if reg.decay:
                 x = x * (1 - reg.decay)
             if reg.blur_every and step % reg.blur_every == 0:
