@@ -302,3 +302,8 @@ def test_feature_visualisations_excite_their_channel_and_batch_like_one_at_a_tim
                                                             channel_axis=axis), start, BUDGET.feature_steps,
                                FEATURE_SETTINGS["learning_rate"], reg, FEATURE_SETTINGS["seed"])
     assert np.abs(_decode(cards[-1]["feature_png"]) - space.pixels(alone).astype(np.int32)).max() <= 1
+    assert {card["feature_of"] for card in cards} == {"channel"}
+    # the first layer's field (3x3 pixels) is small: its centre unit, shown as the pixels of that field
+    first = report["units"]["/relu1/Relu_output_0"]["pages"]
+    assert {card["feature_of"] for card in first} == {"centre unit"}
+    assert all(_decode(card["feature_png"]).shape == (96, 96, 3) for card in first)

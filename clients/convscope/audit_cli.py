@@ -324,9 +324,16 @@ def _channel_page(report: dict, out: Path, layer: str, numbers: dict, cards: lis
     page.links("navigation", navigation)
     if card.get("feature_png"):
         settings = report.get("feature_visualisation", {})
-        page.image("feature.png", base64.b64decode(card["feature_png"]), "feature visualisation",
-                   f"an image optimised ({settings.get('steps', '?')} steps of regularised gradient ascent from "
-                   "noise) to excite the channel: the pattern it detects, repeated wherever it fits")
+        if card.get("feature_of") == "centre unit":
+            page.image("feature.png", base64.b64decode(card["feature_png"]),
+                       "feature visualisation of its centre unit, cropped to that unit's receptive field",
+                       f"an image optimised ({settings.get('steps', '?')} steps of regularised gradient ascent from "
+                       "noise) to excite one unit of this channel: the small pattern the channel detects (its field "
+                       "is too small for a whole-image picture)")
+        else:
+            page.image("feature.png", base64.b64decode(card["feature_png"]), "feature visualisation",
+                       f"an image optimised ({settings.get('steps', '?')} steps of regularised gradient ascent from "
+                       "noise) to excite the channel: the pattern it detects, repeated wherever it fits")
     if card.get("filter_png"):
         page.image("filter.png", base64.b64decode(card["filter_png"]), "its first-layer filter",
                    "the weights it applies to the image's pixels: an oriented edge, a colour blob or a colour "

@@ -214,7 +214,7 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
             return None
         for name, cards in report["units"].items():
             for channel_card in cards.get("pages") or ():
-                channel_card["feature_png"] = found[name][channel_card["channel"]]
+                channel_card["feature_png"], channel_card["feature_of"] = found[name][channel_card["channel"]]
         report["feature_visualisation"] = {"steps": budget.feature_steps, **FEATURE_SETTINGS}
     else:
         report["feature_visualisation"] = {"unavailable": "no channel tracked or no steps in the budget"}
@@ -364,15 +364,35 @@ def optimised_tensor(model, layer) -> tuple[str, int]:
     return layer.name, axis
 
 
+def centre_unit(model, layer):
+    """The (row, column) of ``layer``'s centre neuron and its receptive box when that field is small (at most
+    an eighth of the input's shorter side), else None: maximising a small-field channel's mean over the
+    whole image only paints it one colour, while its centre neuron shows the pattern it detects."""
+    from convscope_server.forward import patches
+
+    if layer.spatial is None:
+        return None
+    height, width = model.config.height, model.config.width
+    if max(layer.spatial.h.size, layer.spatial.w.size) > min(height, width) // 8:
+        return None
+    rows, columns = layer.shape[layer.axes[0]], layer.shape[layer.axes[1]]
+    position = (rows // 2, columns // 2)
+    box = patches.receptive_box(layer.spatial, position[0] * columns + position[1], columns, height, width)
+    return position, box
+
+
 def _feature_visualisations(model, torch_model, track: dict, steps: int, should_stop, progress) -> dict | None:
-    """{layer: {channel: base64 PNG}}: each tracked channel's feature visualisation (Yosinski et al. 2015:
-    regularised gradient ascent of the channel's mean from a random image, jittered and blurred), many
-    channels per batch (``optimize.ascend`` normalises each image's step on its own). None when stopped."""
+    """{layer: {channel: (base64 PNG, kind)}}: each tracked channel's feature visualisation (Yosinski et al.
+    2015: regularised gradient ascent from a random image, jittered and blurred) of the channel's mean, or,
+    for a layer whose receptive field is small, of its centre neuron, shown cropped to that neuron's
+    receptive field. Many units per batch (``optimize.ascend`` normalises each image's step on its own).
+    None when stopped."""
     import base64
 
     import torch
 
     from convscope_server import render
+    from convscope_server.forward import patches
     from convscope_server.gradient.synthesis import optimize
     from convscope_server.gradient.synthesis.common import ChannelsObjective, InputSpace
 
@@ -382,8 +402,10 @@ def _feature_visualisations(model, torch_model, track: dict, steps: int, should_
                                 blur_sigma=settings["blur_sigma"], jitter=settings["jitter"])
     units = []
     for name, channels in track.items():
-        tensor, axis = optimised_tensor(model, model.layer(name))
-        units += [(name, tensor, axis, channel) for channel in channels]
+        layer = model.layer(name)
+        tensor, axis = optimised_tensor(model, layer)
+        centre = centre_unit(model, layer)
+        units += [(name, tensor, axis, channel, centre) for channel in channels]
     chunk = model.fixed_batch or 8
     found: dict = {name: {} for name in track}
     chunks = (len(units) + chunk - 1) // chunk
@@ -391,15 +413,20 @@ def _feature_visualisations(model, torch_model, track: dict, steps: int, should_
         for number, begin in enumerate(range(0, len(units), chunk)):
             part = units[begin: begin + chunk]
             start = torch.cat([space.random(model.config.height, model.config.width, settings["seed"])] * len(part))
-            done = optimize.ascend(torch_model, space, ChannelsObjective([(t, a, c) for _, t, a, c in part]), start,
-                                   steps, settings["learning_rate"], reg, settings["seed"],
+            objective = ChannelsObjective([(t, a, c, centre and centre[0]) for _, t, a, c, centre in part])
+            done = optimize.ascend(torch_model, space, objective, start, steps, settings["learning_rate"], reg,
+                                   settings["seed"],
                                    lambda step, loss, x, number=number: progress(number * steps + step, chunks * steps),
                                    should_stop)
             if done is None:
                 return None
-            for row, (name, _, _, channel) in enumerate(part):
-                png = render.png(space.pixels(done[0][row: row + 1]))
-                found[name][channel] = base64.b64encode(png).decode()
+            for row, (name, _, _, channel, centre) in enumerate(part):
+                pixels = space.pixels(done[0][row: row + 1])
+                if centre is not None:
+                    pixels = patches.crop(pixels, centre[1])
+                    pixels = render.upscale(pixels, max(1, 96 // max(pixels.shape[:2])))
+                found[name][channel] = (base64.b64encode(render.png(pixels)).decode(),
+                                        "channel" if centre is None else "centre unit")
     return found
 
 

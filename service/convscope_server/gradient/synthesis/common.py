@@ -106,17 +106,21 @@ class Objective:
 
 @dataclass
 class ChannelsObjective:
-    """One channel per image of a batch (feature visualisation of many units in one pass): image i
-    maximises the mean of ``units[i]`` = (layer, channel axis, channel); the value is the sum over images."""
+    """One unit per image of a batch (feature visualisation of many units in one pass): image i maximises
+    ``units[i]`` = (layer, channel axis, channel, position): the channel's mean, or with a (row, column)
+    position that one neuron. The value is the sum over images."""
 
-    units: list[tuple[str, int, int]]
+    units: list[tuple[str, int, int, tuple[int, int] | None]]
 
     def layers(self) -> list[str]:
-        return list(dict.fromkeys(layer for layer, _, _ in self.units))
+        return list(dict.fromkeys(unit[0] for unit in self.units))
 
     def value(self, logits, store):
-        return sum(store[layer][i].select(axis - 1, channel).mean()
-                   for i, (layer, axis, channel) in enumerate(self.units))
+        total = 0
+        for i, (layer, axis, channel, position) in enumerate(self.units):
+            plane = store[layer][i].select(axis - 1, channel)
+            total = total + (plane.mean() if position is None else plane[position[0], position[1]])
+        return total
 
 
 def gaussian_blur(x, sigma: float):
