@@ -4,7 +4,8 @@ For each N: a scratch data root holding N labelled JPEGs (augmented crops of the
 datasets/build_demo.py), a server in this process, and one `run_audit` of the default model over the
 folder with the default budget (4 unit layers, 8 images for the faithfulness curves of four methods, 64
 for robustness), labels mapped to ImageNet classes where the demo has a matching class. Prints the total,
-the seconds per stage the report records (model card, scanning, sections, faithfulness, robustness) and
+the seconds per stage the report records (model card, scanning, sections, worst images, feature
+visualisation, map, faithfulness, randomisation, robustness) and
 the scan's images per second, and the process's peak RSS.
 
     .venv/bin/python benchmarks/audit_time.py [--sizes 1000 10000] [--device cpu|cuda]

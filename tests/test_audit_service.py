@@ -51,6 +51,9 @@ def test_an_audit_runs_is_stored_listed_and_deleted(audit_stub):
     assert report["classes"]["accuracy"] == pytest.approx(info.accuracy)
     assert report["dataset"]["source"] == "stream" and report["created"] == info.created
     assert "vanilla" in report["faithfulness"]["methods"]
+    assert {"worst images", "feature visualisation"} <= set(stages)
+    assert report["feature_visualisation"]["steps"] == 64  # the default
+    assert all(w.get("cam_predicted_png") for w in report["classes"]["worst"])
     assert [a.name for a in audit_stub.ListAudits(audit_pb2.ListAuditsRequest()).audits] == ["tiny-1"]
     with pytest.raises(grpc.RpcError) as error:
         run(audit_stub, spec)
@@ -59,6 +62,18 @@ def test_an_audit_runs_is_stored_listed_and_deleted(audit_stub):
     with pytest.raises(grpc.RpcError) as error:
         audit_stub.GetAudit(audit_pb2.GetAuditRequest(name="tiny-1"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_minus_one_turns_off_feature_visualisation_and_the_worst_images(audit_stub):
+    budget = audit_pb2.AuditBudget()
+    budget.CopyFrom(BUDGET)
+    budget.feature_steps, budget.worst_images = -1, -1
+    run(audit_stub, audit_pb2.AuditSpec(name="off", model="tiny", budget=budget))
+    report = json.loads(audit_stub.GetAudit(audit_pb2.GetAuditRequest(name="off")).json)
+    assert "unavailable" in report["feature_visualisation"]
+    assert not any("feature_png" in card for layer in report["units"].values() for card in layer.get("pages", []))
+    assert report["classes"]["worst"] and not any("png" in w for w in report["classes"]["worst"])
+    audit_stub.DeleteAudit(audit_pb2.DeleteAuditRequest(name="off"))
 
 
 def test_a_model_without_a_gradient_path_gets_the_forward_sections(audit_stub):
@@ -78,6 +93,10 @@ def test_a_model_without_a_gradient_path_gets_the_forward_sections(audit_stub):
      "spec.budget.methods"),
     (audit_pb2.AuditSpec(name="ok", model="tiny", budget=audit_pb2.AuditBudget(epsilons=[float("nan")])),
      "spec.budget.epsilons[0]"),
+    (audit_pb2.AuditSpec(name="ok", model="tiny", budget=audit_pb2.AuditBudget(feature_steps=-2)),
+     "spec.budget.feature_steps"),
+    (audit_pb2.AuditSpec(name="ok", model="tiny", budget=audit_pb2.AuditBudget(worst_images=100000)),
+     "spec.budget.worst_images"),
     (audit_pb2.AuditSpec(name="ok", model="tiny", label_map={"cat": audit_pb2.LabelClasses(classes=[99])}),
      "spec.label_map"),
 ])

@@ -510,7 +510,7 @@ def cmd_audit(client: Client, args) -> int:
     for condition in args.fail_if or []:
         if not CONDITION.match(condition):
             raise CliError(f"--fail-if: {condition!r} is not 'METRIC OP NUMBER' (e.g. 'accuracy < 0.7')", 2)
-    source = _source(args)
+    source = {key: value for key, value in _source(args).items() if key in ("dataset", "images")}
     info = with_progress("auditing", lambda bar: client.run_audit(
         name, args.model, limit=args.limit, label_map=_label_map(args.label_map), overwrite=args.overwrite,
         unit_layers=args.unit_layers, attribution_images=args.attribution_images, curve_steps=args.curve_steps,

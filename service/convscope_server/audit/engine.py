@@ -183,7 +183,7 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
                                                                 for f in result.failures]}
     clock.enter("sections")
     mapping, unmapped = class_mapping(result.labels, model.labels, label_map, model.num_classes)
-    report["classes"] = sections.classes(result, mapping, unmapped, model.label)
+    report["classes"] = sections.classes(result, mapping, unmapped, model.label, worst=max(12, budget.worst_images))
     report["units"] = sections.units(result)
     for name, cards in sections.unit_channels(result, model).items():
         report["units"][name]["pages"] = cards
@@ -201,8 +201,8 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     cam_layer = layers[-1] if layers else None
 
     clock.enter("worst images")
-    _worst_pictures(report["classes"], result, model, torch_model, gradient_reason, cam_layer, mapping, should_stop,
-                    lambda step, total: report_progress("worst images", step, total))
+    _worst_pictures(report["classes"], result, model, torch_model, gradient_reason, cam_layer, mapping,
+                    budget.worst_images, should_stop, lambda step, total: report_progress("worst images", step, total))
 
     clock.enter("feature visualisation")
     if gradient_reason:
@@ -430,9 +430,9 @@ def _feature_visualisations(model, torch_model, track: dict, steps: int, should_
     return found
 
 
-def _worst_pictures(section: dict, result, model, torch_model, reason: str, cam_layer, mapping, should_stop,
-                    progress) -> None:
-    """The worst-classified images (kept by the scan) as PNGs with, beside each, Grad-CAM at ``cam_layer``
+def _worst_pictures(section: dict, result, model, torch_model, reason: str, cam_layer, mapping, count: int,
+                    should_stop, progress) -> None:
+    """The ``count`` worst-classified images (kept by the scan) as PNGs with, beside each, Grad-CAM at ``cam_layer``
     for the predicted class and for the label's class (Selvaraju et al. 2017): where the model looked
     for its wrong answer, and where it would look for the right one. Without a gradient path, occlusion
     (forward-only) for the predicted class, and the reason."""
@@ -440,7 +440,7 @@ def _worst_pictures(section: dict, result, model, torch_model, reason: str, cam_
 
     from convscope_server import render
 
-    rows = [w for w in section.get("worst", []) if w["index"] in result.loaders]
+    rows = [w for w in section.get("worst", [])[:count] if w["index"] in result.loaders]
     if not rows:
         return
     method = "gradcam" if not reason and cam_layer is not None else "occlusion"
