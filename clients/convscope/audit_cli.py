@@ -200,7 +200,7 @@ def _feature_overview(layer: str, cards: list[dict], dead: set) -> figures.Pictu
     for ax, card in zip(axes, cards):
         source = card.get("feature_png") or (card["hits"][0]["png"] if card["hits"] else "")
         if source:
-            ax.imshow(_pixels(source))
+            ax.imshow(_pixels(source), interpolation="nearest")
         ax.set_title(f"channel {card['channel']}" + (" (dead)" if card["channel"] in dead else ""), fontsize=10)
         figures._blank(ax)
     for ax in axes[len(cards):]:

@@ -263,13 +263,17 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     truth = [accepted[i] for i in rows] if labelled else [(predicted[i],) for i in rows]
     section = {"images": len(rows), "against": "labels" if labelled else "the model's clean predictions"}
     if rows:
-        section["corruptions"] = robustness.corruption_accuracy(OrtBackend(model).logits, samples[rows], truth,
-                                                                model.config, should_stop=should_stop)
+        levels = sum(len(strengths) for strengths in robustness.CORRUPTIONS.values())
+        attacks = 0 if gradient_reason else 2 * len(budget.epsilons)  # FGSM, then the iterative attack
+        section["corruptions"] = robustness.corruption_accuracy(
+            OrtBackend(model).logits, samples[rows], truth, model.config, should_stop=should_stop,
+            progress=lambda done, total, what: report_progress("robustness", done, levels + attacks))
         if gradient_reason:
             section["fgsm"] = {"unavailable": gradient_reason}
         else:
             section["fgsm"] = _fgsm(model, torch_model, samples[rows], [t[0] for t in truth], budget.epsilons,
-                                    should_stop)
+                                    should_stop, lambda done: report_progress("robustness", levels + done,
+                                                                              levels + attacks))
     report["robustness"] = section
     clock.enter(None)
     report["stage_seconds"] = clock.seconds
@@ -510,7 +514,8 @@ def _randomisation(model, torch_model, reason, samples, targets, methods, cam_la
             "insensitive": {m: bool(abs(values[-1]) >= 0.5) for m, values in found.correlations.items() if values}}
 
 
-def _fgsm(model, torch_model, samples, labels, epsilons, should_stop) -> dict:
+def _fgsm(model, torch_model, samples, labels, epsilons, should_stop, progress=lambda done: None) -> dict:
+    """Accuracy under FGSM and under the basic iterative method at each epsilon; ``progress(attacks done)``."""
     import torch
 
     from convscope_server.gradient import adversarial
@@ -520,8 +525,9 @@ def _fgsm(model, torch_model, samples, labels, epsilons, should_stop) -> dict:
     with torch_model.scope():
         xs = torch.cat([space.from_sample(sample) for sample in samples])
         ys = torch.from_numpy(np.asarray(labels, np.int64)).to(torch_model.device)
-        accuracy = adversarial.robustness_curve(torch_model, space, xs, ys, list(epsilons),
-                                                model.fixed_batch or 8, should_stop=should_stop)
+        accuracy = adversarial.robustness_curve(
+            torch_model, space, xs, ys, list(epsilons), model.fixed_batch or 8, should_stop=should_stop,
+            progress=lambda done, total, what: progress(done * len(epsilons) // max(1, total)))
         iterative = []
         chunk = model.fixed_batch or 8
         for epsilon in epsilons:  # the basic iterative method, 10 steps, on the same images
@@ -534,5 +540,6 @@ def _fgsm(model, torch_model, samples, labels, epsilons, should_stop) -> dict:
                 with torch.no_grad():
                     correct += int((torch_model.logits(space.model_input(attacked)).argmax(1) == y).sum())
             iterative.append(correct / len(xs))
+            progress(len(epsilons) + len(iterative))
     return {"epsilons": list(epsilons), "accuracy": [] if accuracy is None else accuracy.tolist(),
             "iterative_accuracy": iterative}
