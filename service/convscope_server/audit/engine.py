@@ -536,7 +536,7 @@ def _fgsm(model, torch_model, samples, labels, epsilons, should_stop, progress=l
             correct = 0
             for begin in range(0, len(xs), chunk):
                 x, y = xs[begin: begin + chunk], ys[begin: begin + chunk]
-                attacked = adversarial.iterative(torch_model, space, x, y, epsilon)
+                attacked = adversarial.iterative(torch_model, space, x, y, epsilon) if epsilon > 0 else x
                 with torch.no_grad():
                     correct += int((torch_model.logits(space.model_input(attacked)).argmax(1) == y).sum())
             iterative.append(correct / len(xs))
