@@ -12,11 +12,13 @@ RUN pip install --no-cache-dir ".[server,cpu,build]" && python models/build_effi
 
 FROM python:3.11-slim
 ARG ORT=cpu
+# ",distributed" adds Ray (docker-compose.yml's Ray head, workers and the server driving them)
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY clients clients
 COPY service service
-RUN pip install --no-cache-dir ".[server,gradient,${ORT}]"
+RUN pip install --no-cache-dir ".[server,gradient,${ORT}${EXTRAS}]"
 COPY --from=model /src/models /models
 EXPOSE 50051
 RUN mkdir -p /datasets /galleries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -464,15 +465,19 @@ class Client(DatasetMethods, AuditMethods):
     path to a PEM file, or grpc credentials. For servers that require client certificates (mutual TLS)
     ``tls_cert`` and ``tls_key`` are the client's certificate chain and private key (PEM bytes or paths;
     they imply ``tls=True`` when ``tls`` is not given). ``timeout`` is the default deadline of every call
-    in seconds.
+    in seconds. ``load_balancing`` names gRPC's client-side policy for a target that resolves to several
+    replicas: "round_robin" spreads calls over every address of ``ipv4:10.0.0.1:50051,10.0.0.2:50051``
+    or ``dns:///convscope:50051`` (gRPC's default, "pick_first", sends all to one).
     Errors raise :class:`convscope.ConvscopeError` subclasses carrying the status code and message.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls=None,
                  tls_cert=None, tls_key=None, timeout: float | None = 120.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, load_balancing: str | None = None):
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
+        if load_balancing:
+            options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
         if tls or tls_cert is not None or tls_key is not None:
             credentials = _tls_credentials(tls or True, tls_cert, tls_key)
             self._channel = grpc.secure_channel(target, credentials, options=options)

@@ -64,9 +64,13 @@ class StreamedFiles:
 def _source(args) -> dict:
     if bool(args.dataset) == bool(args.images):
         raise CliError("give image files / folders, or --dataset NAME (a folder on the server)", 2)
+    placement = getattr(args, "placement", "default")
     if args.dataset:
-        return {"dataset": args.dataset}
-    return {"images": StreamedFiles(local_images(args.images))}
+        return {"dataset": args.dataset, "placement": placement}
+    if placement == "cluster":
+        raise CliError("--placement cluster: the server's Ray cluster scans dataset folders (--dataset NAME); "
+                       "local files are streamed to the server", 2)
+    return {"images": StreamedFiles(local_images(args.images)), "placement": placement}
 
 
 def _report_skipped(error) -> None:
@@ -103,8 +107,9 @@ def cmd_patches(client: Client, args) -> int:
     result = with_progress("scanning", lambda bar: client.top_patches(
         args.model, args.layer, k=args.k, channels=args.channel or (), limit=args.limit, render=True,
         render_channels=args.rows, tile_size=args.tile, progress=bar, on_item_error=_report_skipped, **source))
+    where = ", on the Ray cluster" if result.placement == "cluster" else ""
     print(f"{result.layer}: {result.images} images scanned, {result.skipped} skipped, "
-          f"{len(result.channels)} channels ({result.execution_provider})")
+          f"{len(result.channels)} channels ({result.execution_provider}{where})")
     best = {c: result.channels[c][0] for c in result.grid_channels if result.channels[c]}
     rows = [[c, f"{hit.value:.3f}", hit.id, f"({hit.row}, {hit.col})"] for c, hit in best.items()]
     print(table(["channel", "top value", "top image", "unit"], rows, right={0, 1}))
@@ -250,6 +255,9 @@ def add_commands(commands, parser) -> None:
         sub.add_argument("--dataset", default="", help="or a dataset folder under the server's data root "
                          "(see `convscope datasets`)")
         sub.add_argument("--limit", type=int, default=0, help="scan at most this many images (0: all)")
+        sub.add_argument("--placement", default="default", choices=["default", "server", "cluster"],
+                         help="where the scan runs: the server's choice, the server, or its Ray cluster (a server "
+                         "started with --ray; --dataset scans only)")
 
     parser(commands, "datasets", "dataset folders under the server's data root", cmd_datasets)
 

@@ -84,6 +84,7 @@ class TopPatches:
         grid_channels: the channels of the grid's rows, top to bottom.
         errors: the unreadable images.
         execution_provider: onnxruntime's provider that ran the scan.
+        placement: where it ran: "server" or "cluster" (the server's Ray cluster).
     """
     layer: str
     images: int
@@ -93,6 +94,7 @@ class TopPatches:
     grid_channels: list[int]
     errors: list[ItemError]
     execution_provider: str
+    placement: str = "server"
 
 
 @dataclass(frozen=True)
@@ -192,14 +194,19 @@ class Embedding:
 
 
 _METRICS = {"l2": dataset_pb2.METRIC_L2, "cosine": dataset_pb2.METRIC_COSINE}
+# Where a scan runs: the server's choice, the server itself, or its Ray cluster (server flag --ray).
+PLACEMENTS = {"default": dataset_pb2.PLACEMENT_DEFAULT, "server": dataset_pb2.PLACEMENT_SERVER,
+              "cluster": dataset_pb2.PLACEMENT_CLUSTER}
 _EMBEDDINGS = {"tsne": dataset_pb2.EMBED_TSNE, "pca": dataset_pb2.EMBED_PCA}
 
 
-def _source(images, dataset: str, limit: int) -> dataset_pb2.ImageSource:
+def _source(images, dataset: str, limit: int, placement: str = "default") -> dataset_pb2.ImageSource:
     if (images is None) == (not dataset):
         raise ValueError("give either images (streamed from here) or dataset= (a folder on the server)")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {list(PLACEMENTS)}, not {placement!r}")
     expected = len(images) if images is not None and hasattr(images, "__len__") else 0
-    return dataset_pb2.ImageSource(dataset=dataset, expected=expected, limit=limit)
+    return dataset_pb2.ImageSource(dataset=dataset, expected=expected, limit=limit, placement=PLACEMENTS[placement])
 
 
 def _common_folder(images) -> str:
@@ -266,14 +273,16 @@ class DatasetMethods:
     def top_patches(self, model: str, layer: str, images=None, *, dataset: str = "", k: int = 9,
                     channels: Sequence[int] = (), limit: int = 0, patches: bool = False, render: bool = False,
                     render_channels: int = 0, tile_size: int = 0, progress=None, on_item_error=None,
-                    timeout: float | None = SCAN_TIMEOUT) -> TopPatches:
+                    placement: str = "default", timeout: float | None = SCAN_TIMEOUT) -> TopPatches:
         """For every channel of ``layer`` (or ``channels``), the ``k`` images that excite it most, with the
         receptive-field box of the strongest unit and, with ``patches=True``, its pixels. One pass over
         ``images`` (streamed) or the server's ``dataset`` folder; unreadable images are skipped and reported
-        to ``on_item_error(ItemError)`` and in ``errors``."""
+        to ``on_item_error(ItemError)`` and in ``errors``. ``placement``: "default" (the server's choice),
+        "server" or "cluster" (the server's Ray cluster; dataset folders only): the same result either way."""
         errors, item_error = _error_collector(on_item_error)
         spec = dataset_pb2.TopPatchesSpec(model=model, layer=layer, k=k, channels=list(channels),
-                                          source=_source(images, dataset, limit), patches=patches, render=render,
+                                          source=_source(images, dataset, limit, placement), patches=patches,
+                                          render=render,
                                           render_channels=render_channels, tile_size=tile_size)
         r = self._stream(self._dataset.TopPatches, _requests(dataset_pb2.TopPatchesRequest, spec, images),
                          progress, timeout, item_error=item_error)
@@ -281,15 +290,18 @@ class DatasetMethods:
                                       from_tensor(h.patch).copy() if h.HasField("patch") else None)
                              for h in c.hits] for c in r.channels}
         return TopPatches(r.layer, r.images, r.skipped, found, r.grid_png, list(r.grid_channels), errors,
-                          r.execution_provider)
+                          r.execution_provider, "cluster" if r.placement == dataset_pb2.PLACEMENT_CLUSTER else "server")
 
     def build_gallery(self, name: str, model: str, images=None, *, dataset: str = "", layer: str = "",
                       limit: int = 0, thumbnail_size: int = 0, overwrite: bool = False, progress=None,
-                      on_item_error=None, timeout: float | None = SCAN_TIMEOUT) -> Gallery:
+                      on_item_error=None, placement: str = "default",
+                      timeout: float | None = SCAN_TIMEOUT) -> Gallery:
         """Store one code per image (``layer``'s activations; default the penultimate layer) and a thumbnail
-        as the server-side gallery ``name``, from ``images`` (streamed) or the server's ``dataset``."""
+        as the server-side gallery ``name``, from ``images`` (streamed) or the server's ``dataset``.
+        ``placement`` as for :meth:`top_patches`."""
         errors, item_error = _error_collector(on_item_error)
-        spec = dataset_pb2.GallerySpec(name=name, model=model, layer=layer, source=_source(images, dataset, limit),
+        spec = dataset_pb2.GallerySpec(name=name, model=model, layer=layer,
+                                       source=_source(images, dataset, limit, placement),
                                        thumbnail_size=thumbnail_size, overwrite=overwrite)
         r = self._stream(self._dataset.BuildGallery, _requests(dataset_pb2.BuildGalleryRequest, spec, images),
                          progress, timeout, item_error=item_error)

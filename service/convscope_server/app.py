@@ -77,6 +77,7 @@ class RunningServer:
     config: ServerConfig
     bridges: TorchBridges
     tls: str = "off"               # "off", "on" or "mutual"
+    cluster: object = None         # distributed.Cluster with --ray
 
     @property
     def address(self) -> str:
@@ -88,7 +89,10 @@ class RunningServer:
         grace = self.config.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.bridges.shutdown()
-        return self.server.stop(grace).wait(grace + 2.0)
+        stopped = self.server.stop(grace).wait(grace + 2.0)
+        if self.cluster is not None:
+            self.cluster.shutdown()
+        return stopped
 
     def reload(self):
         """Rescan the model repository (SIGHUP): new folders load, changed ones reload, removed ones go;
@@ -125,6 +129,8 @@ class RunningServer:
             log.warning("%d job(s) still running after the %.0f s grace period", streaming.running_jobs(), grace)
         if not server_done:
             log.warning("the gRPC server did not report stopping within the grace period")
+        if self.cluster is not None:
+            self.cluster.shutdown()
         return jobs_done and server_done
 
 
@@ -141,6 +147,14 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
         if value <= 0:
             raise ValueError(f"{flag}: must be a positive number, not {value}")
     memory.configure(config.max_request_mib << 20, config.max_request_pixels)
+    cluster = None
+    if config.ray:
+        from convscope_server.distributed import Cluster
+
+        cluster = Cluster(config.ray, config.ray_actors, config.ray_by_default, config.device)
+        cluster.check()     # the flags and the extra now; joining the cluster once the repository is loaded
+    elif config.ray_by_default:
+        raise ValueError("--ray-by-default: needs a cluster (--ray auto|ADDRESS|local)")
     if repository is None:
         repository = ModelRepository(config.repository, SessionSettings(config.device, config.ort_threads,
                                                                         config.precision), config.ort_batch)
@@ -167,7 +181,9 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     synthesis_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisService(repository, bridges, config), server)
     galleries = GalleryStore(config.gallery_root)
     galleries.load_all()
-    datasets = DatasetService(repository, DataRoot(config.data_root), galleries, config)
+    if cluster is not None:
+        cluster.connect()
+    datasets = DatasetService(repository, DataRoot(config.data_root), galleries, config, cluster)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(
         AuditService(repository, bridges, DataRoot(config.data_root), AuditStore(config.audit_root), config), server)
@@ -192,10 +208,12 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     else:
         reason = "address in use or not available"
     if port == 0:
+        if cluster is not None:
+            cluster.shutdown()
         raise OSError(f"--host/--port: cannot bind {address}: {reason}")
     server.start()
     tls = "off" if credentials is None else "mutual" if config.tls_client_ca else "on"
-    return RunningServer(server, port, repository, health_servicer, config, bridges, tls)
+    return RunningServer(server, port, repository, health_servicer, config, bridges, tls, cluster)
 
 
 def main(argv=None) -> int:
@@ -215,8 +233,9 @@ def main(argv=None) -> int:
                        for n in running.repository.names()) or "none"
     # Scripts and tests read this line to learn the port (with --port 0).
     auth = "token" if config.token or config.token_file else "none"
+    ray = f"; ray: {config.ray}" if running.cluster is not None else ""
     print(f"convscope-server listening on {config.host}:{running.port} (models: {models}; tls: {running.tls}; "
-          f"auth: {auth})", flush=True)
+          f"auth: {auth}{ray})", flush=True)
     if running.tls == "off" and not _loopback(config.host):
         log.warning("serving plaintext on %s, reachable from other machines: use --tls-cert/--tls-key "
                     "(and a token) unless a proxy terminates TLS", config.host)

@@ -50,6 +50,9 @@ class ServerConfig:
     queue_seconds: float = 5.0             # longest a queued heavy job waits before RESOURCE_EXHAUSTED
     max_request_mib: int = 1024            # memory one request may hold at its peak, estimated before work
     max_request_pixels: int = 48_000_000   # pixels one request may decode, all its images together
+    ray: str = ""                          # Ray cluster for dataset scans: "local", "auto" or an address; "" off
+    ray_actors: int = 0                    # inference actors per cluster scan; 0: one per GPU (or CPU) of it
+    ray_by_default: bool = False           # dataset-folder scans run on the cluster unless a request says not
 
 
 def boolean(text: str) -> bool:
@@ -119,6 +122,12 @@ def add_arguments(parser) -> None:
         "max_request_mib": "memory one request may need at its peak (MiB), estimated from the request before "
         "any work", "max_request_pixels": "pixels one request may decode, all its images together",
         "device": "auto (CUDA when available) or cpu", "grace_seconds": "grace period on SIGTERM",
+        "ray": "Ray cluster that runs dataset scans asking for it (the distributed extra): 'local' starts one in "
+        "this process, 'auto' joins this machine's cluster, or a cluster address (HEAD:6379, ray://HEAD:10001); "
+        "empty: off. The data root must be mounted at the same path on every node",
+        "ray_actors": "onnxruntime actors per cluster scan (0: one per GPU of the cluster, or per CPU without GPUs)",
+        "ray_by_default": "scans of dataset folders run on the Ray cluster unless the request asks for this "
+        "server (source.placement) (true/false)",
     }
     for name, default in vars(defaults).items():
         flag = "--" + name.replace("_", "-")

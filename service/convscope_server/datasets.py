@@ -44,6 +44,7 @@ class Item:
     load: Callable[[], np.ndarray]   # -> one model-input sample; raises ServiceError when unusable. Holds
                                      # only the file path or the message as sent, so patch scans keep it
                                      # (not decoded pixels) for the images they may crop at the end
+    path: Path | None = None         # the file, for items of a dataset folder (Ray scans decode it there)
 
 
 @dataclass
@@ -128,7 +129,8 @@ def folder_items(folder: Path, root: Path, config, max_pixels: int) -> Iterator[
     for index, path in enumerate(_image_files(folder)):
         relative = path.relative_to(folder)
         label = relative.parts[0] if len(relative.parts) > 1 else ""
-        yield Item(index, relative.as_posix(), label, functools.partial(load_file, path, root, config, max_pixels))
+        yield Item(index, relative.as_posix(), label, functools.partial(load_file, path, root, config, max_pixels),
+                   path)
 
 
 def load_file(path: Path, root: Path, config, max_pixels: int) -> np.ndarray:
@@ -218,13 +220,8 @@ def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure]
                 item, future = loading.popleft()
                 try:
                     pending.append((item, future.result()))
-                except ServiceError as error:
-                    on_failure(ItemFailure(item.index, item.id, str(error)))
-                    continue
                 except Exception as error:  # noqa: BLE001 - one bad item never aborts the scan
-                    log.warning("dataset item %d (%s) failed: %s: %s", item.index, item.id, type(error).__name__, error)
-                    on_failure(ItemFailure(item.index, item.id, f"cannot use this image: {type(error).__name__}: "
-                                           f"{error}"))
+                    on_failure(item_failure(item.index, item.id, error))
                     continue
                 if len(pending) == size:
                     if not put(_stack(pending)):
@@ -256,6 +253,15 @@ def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure]
     finally:
         done.set()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def item_failure(index: int, item_id: str, error: Exception) -> ItemFailure:
+    """The ItemError an item's load raised: a ServiceError's message, or the unexpected error named (and
+    logged). Shared with the Ray scans, whose workers decode items elsewhere."""
+    if isinstance(error, ServiceError):
+        return ItemFailure(index, item_id, str(error))
+    log.warning("dataset item %d (%s) failed: %s: %s", index, item_id, type(error).__name__, error)
+    return ItemFailure(index, item_id, f"cannot use this image: {type(error).__name__}: {error}")
 
 
 def _stack(pending: list[tuple[Item, np.ndarray]]) -> Batch:

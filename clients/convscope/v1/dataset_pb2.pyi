@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Placement(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLACEMENT_DEFAULT: _ClassVar[Placement]
+    PLACEMENT_SERVER: _ClassVar[Placement]
+    PLACEMENT_CLUSTER: _ClassVar[Placement]
+
 class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     METRIC_L2: _ClassVar[Metric]
@@ -17,6 +23,9 @@ class EmbedMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EMBED_TSNE: _ClassVar[EmbedMethod]
     EMBED_PCA: _ClassVar[EmbedMethod]
+PLACEMENT_DEFAULT: Placement
+PLACEMENT_SERVER: Placement
+PLACEMENT_CLUSTER: Placement
 METRIC_L2: Metric
 METRIC_COSINE: Metric
 EMBED_TSNE: EmbedMethod
@@ -45,14 +54,16 @@ class ListDatasetsResponse(_message.Message):
     def __init__(self, data_root: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[DatasetSummary, _Mapping]]] = ...) -> None: ...
 
 class ImageSource(_message.Message):
-    __slots__ = ("dataset", "expected", "limit")
+    __slots__ = ("dataset", "expected", "limit", "placement")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     expected: int
     limit: int
-    def __init__(self, dataset: _Optional[str] = ..., expected: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    placement: Placement
+    def __init__(self, dataset: _Optional[str] = ..., expected: _Optional[int] = ..., limit: _Optional[int] = ..., placement: _Optional[_Union[Placement, str]] = ...) -> None: ...
 
 class DatasetItem(_message.Message):
     __slots__ = ("id", "image", "label")
@@ -137,7 +148,7 @@ class ChannelPatches(_message.Message):
     def __init__(self, channel: _Optional[int] = ..., hits: _Optional[_Iterable[_Union[PatchHit, _Mapping]]] = ...) -> None: ...
 
 class TopPatchesResult(_message.Message):
-    __slots__ = ("layer", "images", "skipped", "channels", "grid_png", "grid_channels", "execution_provider")
+    __slots__ = ("layer", "images", "skipped", "channels", "grid_png", "grid_channels", "execution_provider", "placement")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +156,7 @@ class TopPatchesResult(_message.Message):
     GRID_PNG_FIELD_NUMBER: _ClassVar[int]
     GRID_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     layer: str
     images: int
     skipped: int
@@ -152,7 +164,8 @@ class TopPatchesResult(_message.Message):
     grid_png: bytes
     grid_channels: _containers.RepeatedScalarFieldContainer[int]
     execution_provider: str
-    def __init__(self, layer: _Optional[str] = ..., images: _Optional[int] = ..., skipped: _Optional[int] = ..., channels: _Optional[_Iterable[_Union[ChannelPatches, _Mapping]]] = ..., grid_png: _Optional[bytes] = ..., grid_channels: _Optional[_Iterable[int]] = ..., execution_provider: _Optional[str] = ...) -> None: ...
+    placement: Placement
+    def __init__(self, layer: _Optional[str] = ..., images: _Optional[int] = ..., skipped: _Optional[int] = ..., channels: _Optional[_Iterable[_Union[ChannelPatches, _Mapping]]] = ..., grid_png: _Optional[bytes] = ..., grid_channels: _Optional[_Iterable[int]] = ..., execution_provider: _Optional[str] = ..., placement: _Optional[_Union[Placement, str]] = ...) -> None: ...
 
 class TopPatchesEvent(_message.Message):
     __slots__ = ("progress", "item_error", "result")

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from convscope.v1 import dataset_pb2, dataset_pb2_grpc, tensor_pb2
-from convscope_server import render
+from convscope_server import distributed, render
 from convscope_server.datasets import DataRoot, batches, count_images, folder_items, limited, stream_items
 from convscope_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from convscope_server.forward import activations as acts
@@ -64,6 +64,27 @@ class ScanSource:
         self.items = limited(items, source.limit, limits.max_scan_images)
 
 
+def on_cluster(source, cluster, field: str = "spec.source.placement") -> bool:
+    """Whether a scan of ``source`` runs on the Ray cluster: PLACEMENT_CLUSTER asks for it (FAILED_PRECONDITION
+    on a server without one; INVALID_ARGUMENT for streamed images, which the workers cannot read),
+    PLACEMENT_SERVER refuses it, PLACEMENT_DEFAULT follows --ray-by-default for dataset folders."""
+    placement = source.placement
+    if placement not in (dataset_pb2.PLACEMENT_DEFAULT, dataset_pb2.PLACEMENT_SERVER, dataset_pb2.PLACEMENT_CLUSTER):
+        raise InvalidArgument(field, f"unknown placement {placement}; give PLACEMENT_DEFAULT, PLACEMENT_SERVER or "
+                              "PLACEMENT_CLUSTER")
+    if placement == dataset_pb2.PLACEMENT_CLUSTER:
+        if cluster is None:
+            raise FailedPrecondition(f"{field}: PLACEMENT_CLUSTER asks for a Ray cluster and this server has none "
+                                     "(start it with --ray auto|ADDRESS|local and the distributed extra); leave "
+                                     "placement unset or give PLACEMENT_SERVER")
+        if not source.dataset:
+            raise InvalidArgument(field, "the Ray cluster reads dataset folders (source.dataset) that its workers "
+                                  "also see; streamed images are scanned on this server: leave placement unset")
+        return True
+    return (placement == dataset_pb2.PLACEMENT_DEFAULT and cluster is not None and cluster.by_default
+            and bool(source.dataset))
+
+
 def scan_events(event_type, job, to_result):
     """A scan job's events as ``event_type`` messages: progress, one ItemError per unreadable image, then
     ``to_result(result)``."""
@@ -92,11 +113,12 @@ def channel_count(layer, field: str) -> tuple[int, int]:
 
 
 class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
-    def __init__(self, repository, data_root: DataRoot, galleries: GalleryStore, limits):
+    def __init__(self, repository, data_root: DataRoot, galleries: GalleryStore, limits, cluster=None):
         self.repository = repository
         self.data_root = data_root
         self.galleries = galleries
         self.limits = limits
+        self.cluster = cluster      # distributed.Cluster when the server runs with --ray
 
     def ListDatasets(self, request, context):
         root = self.data_root.root
@@ -137,11 +159,37 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
                                         f"{side_w} pixels could reach {worst / 2**20:.0f} MiB, over the message "
                                         f"limit of {self.limits.max_message_bytes / 2**20:.0f} MiB; track fewer "
                                         "channels (spec.channels) or leave out the pixels")
+        remote = on_cluster(spec.source, self.cluster)
         source = ScanSource(spec.source, requests, model, self.data_root, self.limits)
         backend = OrtBackend(model)
         grid_width = (layer.shape[2] if layer.layout == "NHWC" else layer.shape[3]) if spatial else 1
 
+        def on_the_cluster(progress, should_stop, emit):
+            table = top.TopActivations(channels, k)
+            items = list(source.items)
+            failures = []
+
+            def failed(failure):
+                failures.append(failure)
+                emit("item_error", failure)
+
+            plan = distributed.patches_plan(model, layer, axis, channels, self.data_root.root,
+                                            self.limits.max_image_pixels)
+            report = self.cluster.run(plan, distributed.probe_bytes(model, [layer.name]), items,
+                                      lambda indices, rows: table.merge(rows["values"], rows["positions"], indices),
+                                      failed, progress, should_stop, "scanning on the Ray cluster")
+            if should_stop() or report.stopped:
+                return None
+            kept = {i: (items[i].id, items[i].load) for i in table.referenced()}
+            result = self._patch_result(spec, model, layer, table, kept, spatial, grid_width, report.merged,
+                                        len(failures), render_channels, tile)
+            result.placement = dataset_pb2.PLACEMENT_CLUSTER
+            result.execution_provider = report.provider or model.execution_provider
+            return result
+
         def work(progress, should_stop, emit):
+            if remote:
+                return on_the_cluster(progress, should_stop, emit)
             table = top.TopActivations(channels, k)
             kept: dict[int, tuple] = {}  # scan index -> (id, loader) of the images some channel keeps
             failures = {"count": 0, "end": 0}  # unreadable items, and the scan position after the last one
@@ -183,7 +231,8 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             return images[index]
 
         result = dataset_pb2.TopPatchesResult(layer=layer.name, images=scanned, skipped=skipped,
-                                              execution_provider=model.execution_provider)
+                                              execution_provider=model.execution_provider,
+                                              placement=dataset_pb2.PLACEMENT_SERVER)
         crops: dict[int, list[np.ndarray]] = {}
         for column, channel in enumerate(table.channels.tolist()):
             entry = result.channels.add(channel=channel)
@@ -225,6 +274,7 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
         side = positive(spec.thumbnail_size, 64, "spec.thumbnail_size")
         if side > 256:
             raise InvalidArgument("spec.thumbnail_size", f"{side} is over 256 pixels")
+        remote = on_cluster(spec.source, self.cluster)
         source = ScanSource(spec.source, requests, model, self.data_root, self.limits)
         seconds_left(started, self.limits)  # before taking the gallery name
         backend = OrtBackend(model)
@@ -238,15 +288,29 @@ class DatasetService(dataset_pb2_grpc.DatasetServiceServicer):
             try:
                 writer = self.galleries.writer(dim, side)
                 done = 0
-                for batch in batches(source.items, model.run_batch, lambda failure: emit("item_error", failure),
-                                     should_stop, self.limits.decode_workers):
-                    values = backend.tensors(batch.inputs, outputs)
-                    thumbs = [thumbnail(render.display_image(x, model.config), side) for x in batch.inputs]
-                    writer.add(values[layer.name].reshape(len(batch.inputs), -1), np.stack(thumbs), batch.ids,
-                               batch.labels, values[model.config.logits_output].reshape(len(batch.inputs), -1)
-                               .argmax(axis=1))
-                    done = batch.indices[-1] + 1
-                    progress(done, source.total, "encoding")
+                if remote:
+                    items = list(source.items)
+
+                    def write(indices, rows):
+                        writer.add(rows["code"], rows["thumbnail"], [items[i].id for i in indices],
+                                   [items[i].label for i in indices], rows["predicted"])
+
+                    plan = distributed.gallery_plan(model, layer.name, side, self.data_root.root,
+                                                    self.limits.max_image_pixels)
+                    report = self.cluster.run(plan, distributed.probe_bytes(model, outputs), items, write,
+                                              lambda failure: emit("item_error", failure), progress, should_stop,
+                                              "encoding on the Ray cluster")
+                    done = report.merged
+                else:
+                    for batch in batches(source.items, model.run_batch, lambda failure: emit("item_error", failure),
+                                         should_stop, self.limits.decode_workers):
+                        values = backend.tensors(batch.inputs, outputs)
+                        thumbs = [thumbnail(render.display_image(x, model.config), side) for x in batch.inputs]
+                        writer.add(values[layer.name].reshape(len(batch.inputs), -1), np.stack(thumbs), batch.ids,
+                                   batch.labels, values[model.config.logits_output].reshape(len(batch.inputs), -1)
+                                   .argmax(axis=1))
+                        done = batch.indices[-1] + 1
+                        progress(done, source.total, "encoding")
                 if should_stop():
                     return None
                 if not writer.ids:

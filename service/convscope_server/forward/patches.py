@@ -31,10 +31,7 @@ class TopActivations:
         self.positions = np.empty((0, width), np.int64)  # flat index into the layer's (H, W) grid
 
     def add(self, activations: np.ndarray, indices: list[int]) -> None:
-        picked = activations[:, self.channels]
-        flat = picked.reshape(len(picked), len(self.channels), -1)
-        positions = flat.argmax(axis=2)  # first maximum in row-major order
-        values = np.take_along_axis(flat, positions[..., None], axis=2)[..., 0].astype(np.float32)
+        values, positions = channel_maxima(activations, self.channels)
         images = np.broadcast_to(np.asarray(indices, np.int64)[:, None], values.shape)
         # The table is sorted best first, and ties sit in scan order; the new rows all come later in the
         # scan, so a stable sort on the value alone keeps "earlier image first" among equal values.
@@ -44,9 +41,31 @@ class TopActivations:
         self.images = np.take_along_axis(np.concatenate([self.images, images]), order, axis=0)
         self.positions = np.take_along_axis(np.concatenate([self.positions, positions]), order, axis=0)
 
+    def merge(self, values: np.ndarray, positions: np.ndarray, indices) -> None:
+        """Fold in per-image maxima (from :func:`channel_maxima`) of images scanned elsewhere, arriving in any
+        order: rows are ordered by value, then scan index, so the table is the one ``add`` builds in scan
+        order (a distributed scan's merge; every index must come once)."""
+        images = np.broadcast_to(np.asarray(indices, np.int64)[:, None], values.shape)
+        all_values = np.concatenate([self.values, np.asarray(values, np.float32)])
+        all_images = np.concatenate([self.images, images])
+        order = np.lexsort((all_images, -all_values), axis=0)[: self.k]
+        self.values = np.take_along_axis(all_values, order, axis=0)
+        self.images = np.take_along_axis(all_images, order, axis=0)
+        self.positions = np.take_along_axis(np.concatenate([self.positions, positions]), order, axis=0)
+
     def referenced(self) -> set[int]:
         """Scan indices of the images some channel still keeps."""
         return set(np.unique(self.images).tolist())
+
+
+def channel_maxima(activations: np.ndarray, channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and channel of channels-first ``activations``: the largest value (float32) and its flat
+    position (the first maximum in row-major order)."""
+    picked = activations[:, channels]
+    flat = picked.reshape(len(picked), len(channels), -1)
+    positions = flat.argmax(axis=2)
+    values = np.take_along_axis(flat, positions[..., None], axis=2)[..., 0].astype(np.float32)
+    return values, positions
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,334 @@
+"""Dataset scans on a Ray cluster (issue 15): the same result as the single-machine scan, with a worker
+killed mid-scan too; cancelling leaves the cluster idle; placement errors name the field.
+
+One local Ray cluster for the module (2 CPUs, its node on the loopback, token authentication with a token
+made for the run and kept out of ~/.ray), started and stopped here; the servers are real in-process ones
+driving it (``--ray auto`` finds this process's connection), called through the real client.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convscope import Client, FailedPrecondition, InvalidArgument
+from conftest import png_bytes, start
+
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                 reason="Ray is not installed (the distributed extra: pip install '.[distributed]')"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")]
+
+MODEL = "efficientnet_lite0"
+LITE0_BLOCK3 = "/_blocks.3/Clip_1_output_0"   # ReLU6 output: many exact ties at 6.0
+GOOD = 298          # readable images in many/; with the three unreadable files a scan covers 301
+UNREADABLE = ["b/0100x_corrupt.jpg", "c/0200x_truncated.png", "c/0201x_escape.png"]
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant process of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        kids = [p for p, parent in parents.items() if parent == current]
+        found += kids
+        frontier += kids
+    return found
+
+
+def command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def ray_processes() -> list[int]:
+    return [p for p in children(os.getpid()) if "ray" in command(p) or "gcs_server" in command(p)]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for this module: 2 CPUs, loopback node address, a throw-away auth token, its
+    session files in a temporary folder; shut down at the end with no process of it left."""
+    temp = tempfile.mkdtemp(prefix="cs-ray-")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # node address 127.0.0.1
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _temp_dir=temp)
+        try:
+            assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+            yield ray
+        finally:
+            started = ray_processes()   # GCS, raylet, workers: they outlive their parents only as zombies
+            ray.shutdown()
+            deadline = time.monotonic() + 20
+            while [p for p in started if running(p)] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = [command(p) for p in started if running(p)]
+            shutil.rmtree(temp, ignore_errors=True)
+            assert not left, f"Ray processes left behind: {left}"
+
+
+def blocky(rng, size: int) -> np.ndarray:
+    coarse = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+    return coarse.repeat(8, axis=0).repeat(8, axis=1)
+
+
+@pytest.fixture(scope="module")
+def scan_root(tmp_path_factory, data_root) -> Path:
+    """A data root with ``many/``: 298 images in 3 label folders (PNG and JPEG, 32-96 px), a corrupt JPEG, a
+    truncated PNG and a symlink leading out of the root, in the middle of the scan order."""
+    root = tmp_path_factory.mktemp("ray-data")
+    rng = np.random.default_rng(15)
+    names = []
+    for n in range(GOOD):
+        names.append(f"{['a', 'b', 'c'][n % 3]}/{n:04d}.{'png' if n % 2 else 'jpg'}")
+    folder = root / "many"
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = blocky(rng, int(rng.choice([32, 64, 96])))
+        if name.endswith(".png"):
+            (folder / name).write_bytes(png_bytes(pixels))
+        else:
+            from PIL import Image
+
+            Image.fromarray(pixels).save(folder / name, quality=90)
+    (folder / "b" / "0100x_corrupt.jpg").write_bytes(b"this is not a jpeg")
+    good = png_bytes(blocky(rng, 32))
+    (folder / "c" / "0200x_truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "c" / "0201x_escape.png").symlink_to(data_root / "broken" / "a_good.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def gallery_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ray-galleries")
+
+
+@pytest.fixture(scope="module")
+def cluster_server(ray_cluster, repository, scan_root, gallery_root):
+    """A server whose dataset-folder scans run on the cluster by default (--ray auto --ray-by-default)."""
+    running = start(repository, data_root=scan_root, gallery_root=gallery_root, ray="auto", ray_by_default=True)
+    assert running.cluster is not None and not running.cluster.owned  # the module's cluster, not its own
+    with Client(running.address, timeout=300) as c:
+        yield c
+    running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def local_patches(cluster_server):
+    """The single-machine scan every cluster scan is compared with."""
+    return cluster_server.top_patches(MODEL, LITE0_BLOCK3, dataset="many", k=6, patches=True, render=True,
+                                      placement="server")
+
+
+def same_errors(ours, reference) -> bool:
+    """ItemErrors equal but for object addresses in the reason (Pillow names the BytesIO it could not read)."""
+    def key(errors):
+        return [(e.index, e.id, re.sub(r"0x[0-9a-f]+", "0x?", e.reason)) for e in errors]
+    return key(ours) == key(reference)
+
+
+def assert_same_patches(ours, reference):
+    assert (ours.layer, ours.images, ours.skipped, ours.execution_provider) == \
+        (reference.layer, reference.images, reference.skipped, reference.execution_provider)
+    assert same_errors(ours.errors, reference.errors)
+    assert ours.grid_channels == reference.grid_channels and ours.grid_png == reference.grid_png
+    assert list(ours.channels) == list(reference.channels)
+    for channel, hits in reference.channels.items():
+        got = ours.channels[channel]
+        assert [(h.index, h.id, h.value, h.row, h.col, h.box) for h in got] == \
+            [(h.index, h.id, h.value, h.row, h.col, h.box) for h in hits], f"channel {channel}"
+        assert all(np.array_equal(a.patch, b.patch) for a, b in zip(got, hits))
+
+
+def test_a_cluster_scan_equals_the_single_machine_scan(cluster_server, local_patches):
+    events = []
+    scan = cluster_server.top_patches(MODEL, LITE0_BLOCK3, dataset="many", k=6, patches=True, render=True,
+                                      progress=lambda *event: events.append(event))
+    assert scan.placement == "cluster" and local_patches.placement == "server"   # --ray-by-default
+    assert_same_patches(scan, local_patches)
+    assert scan.images == GOOD + 3 and scan.skipped == 3   # the symlink out is refused like the broken files
+    assert [e.id for e in scan.errors] == UNREADABLE
+    assert [e.index for e in scan.errors] == sorted(e.index for e in scan.errors)
+    # ties at ReLU6's 6.0 are broken by scan order, as locally
+    tied = [hits for hits in scan.channels.values() if len({h.value for h in hits}) < len(hits)]
+    assert tied and all([h.index for h in hits if h.value == hits[0].value] ==
+                        sorted(h.index for h in hits if h.value == hits[0].value) for hits in tied)
+    scanning = [step for step, total, stage in events if stage == "scanning on the Ray cluster"]
+    assert scanning == sorted(scanning) and scanning[-1] == GOOD + 3
+    assert any(stage.startswith("starting 2 Ray actors") for _, _, stage in events)
+
+
+def test_a_worker_killed_mid_scan_changes_nothing(cluster_server, local_patches):
+    killed = []
+
+    def kill_one_actor(step, total, stage):
+        if killed or stage != "scanning on the Ray cluster":
+            return
+        actors = [p for p in children(os.getpid()) if command(p).startswith("ray::MapWorker")]
+        assert actors, "no Ray actor process found"
+        os.kill(actors[0], signal.SIGKILL)
+        killed.append((actors[0], step, total))
+
+    scan = cluster_server.top_patches(MODEL, LITE0_BLOCK3, dataset="many", k=6, patches=True, render=True,
+                                      placement="cluster", progress=kill_one_actor)
+    assert killed and killed[0][1] < killed[0][2] / 2, "the actor was not killed mid-scan"
+    assert not Path(f"/proc/{killed[0][0]}").exists()
+    assert_same_patches(scan, local_patches)
+
+
+def cluster_idle(ray) -> bool:
+    return ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU", 0)
+
+
+def test_cancelling_a_cluster_scan_leaves_the_cluster_idle(cluster_server, ray_cluster):
+    from convscope_server.api.streaming import running_jobs
+
+    def stop(step, total, stage):
+        if stage == "scanning on the Ray cluster" and step >= 16:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cluster_server.top_patches(MODEL, LITE0_BLOCK3, dataset="many", k=6, placement="cluster", progress=stop)
+    deadline = time.monotonic() + 30
+    while (running_jobs() or not cluster_idle(ray_cluster)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running_jobs() == 0
+    assert cluster_idle(ray_cluster), f"still in use: {ray_cluster.available_resources()}"
+    assert not [p for p in children(os.getpid()) if command(p).startswith("ray::MapWorker") and running(p)]
+
+
+def test_a_cluster_gallery_equals_the_single_machine_gallery(cluster_server, gallery_root):
+    from convscope_server.galleries import read_gallery
+
+    built = {}
+    for placement in ("server", "cluster"):
+        stages = []
+        built[placement] = cluster_server.build_gallery(f"many-{placement}", "tiny", dataset="many",
+                                                        placement=placement,
+                                                        progress=lambda step, total, stage: stages.append(stage))
+        assert any("Ray cluster" in s for s in stages) == (placement == "cluster")
+    local, remote = built["server"], built["cluster"]
+    assert local.size == remote.size == GOOD and same_errors(local.errors, remote.errors) and remote.ready
+    assert [e.id for e in remote.errors] == UNREADABLE
+    a, b = (read_gallery(gallery_root / f"many-{p}.gallery", f"many-{p}") for p in ("server", "cluster"))
+    assert a.ids == b.ids and a.labels == b.labels and a.predicted == b.predicted
+    assert np.array_equal(a.codes, b.codes) and np.array_equal(a.thumbnails, b.thumbnails)
+    found = cluster_server.nearest_neighbors("many-cluster", png_bytes(np.asarray(a.thumbnails[5])), k=4)
+    assert found == cluster_server.nearest_neighbors("many-server", png_bytes(np.asarray(a.thumbnails[5])), k=4)
+
+
+def test_placement_errors_name_the_field(cluster_server, client):
+    with pytest.raises(FailedPrecondition, match=r"spec\.source\.placement: .*has none.*--ray"):
+        client.top_patches("tiny", "/conv3/Conv_output_0", dataset="demo", placement="cluster")
+    with pytest.raises(InvalidArgument, match=r"spec\.source\.placement: .*dataset folders"):
+        cluster_server.top_patches("tiny", "/conv3/Conv_output_0", [png_bytes(np.zeros((32, 32, 3), np.uint8))],
+                                   placement="cluster")
+    # streamed images follow the server default to this server; both servers keep serving
+    images = [png_bytes(np.full((32, 32, 3), v, np.uint8)) for v in (10, 200)]
+    assert cluster_server.top_patches("tiny", "/conv3/Conv_output_0", images, k=1).placement == "server"
+    assert client.top_patches("tiny", "/conv3/Conv_output_0", dataset="demo", k=1).placement == "server"
+
+
+@pytest.mark.parametrize("settings, flag", [({"ray_by_default": True}, "--ray-by-default"),
+                                             ({"ray": "local", "ray_actors": -1}, "--ray-actors")])
+def test_ray_flags_are_checked_at_start_up(repository, settings, flag):
+    with pytest.raises(ValueError, match=flag):
+        start(repository, **settings)
+
+
+def test_the_cli_scans_on_the_cluster(cluster_server, tmp_path, capsys):
+    from convscope.cli import main
+
+    base = ["--server", cluster_server.target]
+    assert main(base + ["patches", "tiny", "/conv3/Conv_output_0", "--dataset", "many", "--placement", "cluster",
+                        "--k", "2", "--rows", "2", "--out", str(tmp_path / "patches")]) == 0
+    out = capsys.readouterr().out
+    assert f"{GOOD + 3} images scanned, 3 skipped" in out and "on the Ray cluster" in out
+    (tmp_path / "one.png").write_bytes(png_bytes(np.zeros((32, 32, 3), np.uint8)))
+    assert main(base + ["patches", "tiny", "/conv3/Conv_output_0", str(tmp_path / "one.png"), "--placement",
+                        "cluster", "--out", str(tmp_path / "streamed")]) == 2
+    assert "--dataset" in capsys.readouterr().err
+
+
+def test_a_server_process_joins_the_cluster_by_address(ray_cluster, cluster_server, repository, scan_root, tmp_path):
+    """`convscope-server --ray HOST:PORT` as deployed: a separate process joining the running cluster as a
+    driver; its scan equals the single-machine one, and SIGTERM leaves the cluster and exits 0."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    process = subprocess.Popen(
+        [sys.executable, "-m", "convscope_server.app", "--port", "0", "--repository", str(repository),
+         "--data-root", str(scan_root), "--gallery-root", str(tmp_path / "galleries"), "--audit-root",
+         str(tmp_path / "audits"), "--gradient-warmup", "false", "--ray", address, "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=(tmp_path / "server.log").open("w"), text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"ray: {address}" in line, line + (tmp_path / "server.log").read_text()
+        port = int(re.search(r"listening on \S+:(\d+)", line).group(1))
+        with Client(f"localhost:{port}", timeout=300) as joined:
+            scan = joined.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
+                                      placement="cluster")
+        reference = cluster_server.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
+                                               placement="server")
+        assert scan.placement == "cluster"
+        assert_same_patches(scan, reference)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
+def test_rows_are_handed_on_once_each_in_index_order_whatever_arrives():
+    """The driver's merge order: batches out of order, a batch re-run after a worker died (rows again, split
+    differently), failures between readable rows -> each index once, readable runs and failures in order."""
+    from convscope_server.distributed import _InOrder
+
+    def batch(indices, bad=()):
+        indices = np.asarray(indices, np.int64)
+        return {"index": indices, "ok": np.array([i not in bad for i in indices]),
+                "reason": np.array([f"bad {i}" if i in bad else "" for i in indices], object),
+                "provider": np.array(["CPUExecutionProvider"] * len(indices), object),
+                "values": indices[:, None] * 10.0}
+
+    delivered, failed = [], []
+    merger = _InOrder(10, lambda indices, rows: delivered.append((indices, rows["values"][:, 0].tolist())),
+                      failed.append, {i: f"id{i}" for i in range(10)})
+    assert merger.push(batch([4, 5, 6], bad={5})) == 0 and merger.done == 0 and not delivered
+    assert merger.push(batch([0, 1, 2, 3])) == 0 and merger.done == 7
+    assert merger.push(batch([2, 3, 4, 5])) == 4          # a re-run: nothing counted twice
+    assert merger.push(batch([5, 6, 7, 8, 9], bad={9})) == 2 and merger.done == 10
+    assert delivered == [([0, 1, 2, 3, 4], [0.0, 10.0, 20.0, 30.0, 40.0]), ([6], [60.0]), ([7, 8], [70.0, 80.0])]
+    assert [(f.index, f.id, f.reason) for f in failed] == [(5, "id5", "bad 5"), (9, "id9", "bad 9")]
