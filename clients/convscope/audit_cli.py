@@ -510,7 +510,7 @@ def cmd_audit(client: Client, args) -> int:
     for condition in args.fail_if or []:
         if not CONDITION.match(condition):
             raise CliError(f"--fail-if: {condition!r} is not 'METRIC OP NUMBER' (e.g. 'accuracy < 0.7')", 2)
-    source = {key: value for key, value in _source(args).items() if key in ("dataset", "images")}
+    source = _source(args)
     info = with_progress("auditing", lambda bar: client.run_audit(
         name, args.model, limit=args.limit, label_map=_label_map(args.label_map), overwrite=args.overwrite,
         unit_layers=args.unit_layers, attribution_images=args.attribution_images, curve_steps=args.curve_steps,
@@ -672,6 +672,9 @@ def add_commands(commands, parser) -> None:
     audit.add_argument("images", nargs="*", help="local image files or folders (a folder's sub-folders are labels)")
     audit.add_argument("--dataset", default="", help="or a dataset folder under the server's data root")
     audit.add_argument("--limit", type=int, default=0, help="audit at most this many images (0: all)")
+    audit.add_argument("--placement", default="default", choices=["default", "server", "cluster"],
+                       help="where the scan stage runs: the server's choice, the server, or its Ray cluster (a "
+                       "server started with --ray; --dataset audits only)")
     audit.add_argument("--name", default="", help="name the report is stored under (default: MODEL-audit)")
     audit.add_argument("--overwrite", action="store_true", help="replace a stored audit of the same name")
     audit.add_argument("--label-map", default=None, help="JSON file: dataset label -> class index or list of "

@@ -51,7 +51,7 @@ class AuditMethods:
                   label_map: Mapping[str, int | list[int]] | None = None, overwrite: bool = False,
                   unit_layers: int = 0, attribution_images: int = 0, curve_steps: int = 0,
                   robustness_images: int = 0, epsilons=(), methods=(), feature_steps: int = 0,
-                  worst_images: int = 0, progress=None,
+                  worst_images: int = 0, placement: str = "default", progress=None,
                   timeout: float | None = SCAN_TIMEOUT) -> AuditInfo:
         """Audit ``model`` over ``images`` (streamed) or the server's ``dataset`` and store the report as
         ``name``: model card, classes and calibration, units, attribution faithfulness, robustness, dataset
@@ -59,11 +59,13 @@ class AuditMethods:
         right). Budget fields left at 0 / empty take the server's defaults (4 unit layers, 8 attribution
         images, 16 curve steps, 64 robustness images, epsilons 0-4/255, every attribution method, 64 feature
         visualisation steps, 12 worst images); -1 turns off feature visualisation or the worst images.
-        ``progress(step, total, stage)`` is called per stage."""
+        ``placement`` ("default", "server" or "cluster") says where the scan stage runs, as for dataset
+        scans: "cluster" needs a server started with --ray and a ``dataset``. ``progress(step, total,
+        stage)`` is called per stage."""
         labels = {str(label): audit_pb2.LabelClasses(classes=[classes] if isinstance(classes, int) else
                                                      list(classes)) for label, classes in (label_map or {}).items()}
         spec = audit_pb2.AuditSpec(
-            name=name, model=model, source=_source(images, dataset, limit), overwrite=overwrite, label_map=labels,
+            name=name, model=model, source=_source(images, dataset, limit, placement), overwrite=overwrite, label_map=labels,
             budget=audit_pb2.AuditBudget(unit_layers=unit_layers, attribution_images=attribution_images,
                                          curve_steps=curve_steps, robustness_images=robustness_images,
                                          epsilons=list(epsilons), methods=list(methods),

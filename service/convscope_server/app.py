@@ -186,7 +186,8 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     datasets = DatasetService(repository, DataRoot(config.data_root), galleries, config, cluster)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(
-        AuditService(repository, bridges, DataRoot(config.data_root), AuditStore(config.audit_root), config), server)
+        AuditService(repository, bridges, DataRoot(config.data_root), AuditStore(config.audit_root), config, cluster),
+        server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))

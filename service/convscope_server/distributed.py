@@ -197,7 +197,7 @@ class RunReport:
 class Plan:
     """What every worker needs for one scan (pickled to them): how to decode, how to run, what to keep."""
 
-    kind: str                       # "patches" or "gallery"
+    kind: str                       # "patches", "gallery" or "rows" (the audit's per-image reduction)
     root: Path                      # the data root, at the same path on every node
     config: object                  # the model's ModelConfig (preprocessing, layout, logits output)
     max_pixels: int
@@ -212,6 +212,7 @@ class Plan:
     channels: tuple[int, ...] = ()
     side: int = 0                   # gallery: thumbnail side
     gpu: bool = False
+    reduce: object = None           # rows: per-batch function of the outputs' values -> per-image arrays
 
     def on_device(self, gpu: bool) -> Plan:
         from dataclasses import replace
@@ -229,6 +230,26 @@ def gallery_plan(model, layer_name: str, side: int, root: Path, max_pixels: int)
     outputs = tuple(dict.fromkeys([layer_name, model.config.logits_output]))
     return Plan("gallery", Path(root), model.config, max_pixels, _input_shape(model.config), model.fixed_batch,
                 model.run_batch, model.precision, outputs, layer_name, side=side)
+
+
+def rows_plan(model, outputs, reduce, root: Path, max_pixels: int) -> Plan:
+    return Plan("rows", Path(root), model.config, max_pixels, _input_shape(model.config), model.fixed_batch,
+                model.run_batch, model.precision, tuple(outputs), "", reduce=reduce)
+
+
+def audit_scan(cluster: Cluster, model, root: Path, max_pixels: int):
+    """The audit scan's ``remote`` (:func:`convscope_server.audit.scan.scan`): its per-image reduction
+    (``reduce_batch``) run by the cluster's actors over a dataset folder's items, rows delivered in scan
+    order."""
+    import functools
+
+    from convscope_server.audit.scan import reduce_batch
+
+    def run(plan, items, deliver, on_failure, should_stop):
+        work = rows_plan(model, plan.outputs, functools.partial(reduce_batch, plan), root, max_pixels)
+        return cluster.run(work, probe_bytes(model, plan.outputs), items, deliver, on_failure,
+                           lambda done, total, stage: None, should_stop, "scanning on the Ray cluster")
+    return run
 
 
 def probe_bytes(model, outputs) -> bytes:
@@ -296,7 +317,20 @@ class _Infer:
             values = dict(zip(plan.outputs, outputs))
         result = {"index": batch["index"], "ok": ok, "reason": batch["reason"],
                   "provider": np.asarray([self.provider] * count, object)}
-        if plan.kind == "patches":
+        if plan.kind == "rows":
+            if not len(inputs):  # no readable image: zero rows of the right shapes (never delivered)
+                shaped = run_batched(self.session, plan.config.input_name,
+                                     graph_input(np.zeros((1, *plan.input_shape), np.float32),
+                                                 INPUT_DATATYPES[plan.config.input_datatype]),
+                                     list(plan.outputs), plan.fixed_batch, plan.run_batch,
+                                     self.provider == "CUDAExecutionProvider")
+                values = dict(zip(plan.outputs, shaped))
+            for key, value in plan.reduce(values).items():
+                full = np.zeros((count, *value.shape[1:]), value.dtype)
+                if len(inputs):
+                    full[ok] = value
+                result[key] = full
+        elif plan.kind == "patches":
             channels = np.asarray(plan.channels, np.int64)
             maxima = np.zeros((count, len(channels)), np.float32)
             positions = np.zeros((count, len(channels)), np.int64)

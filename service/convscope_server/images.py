@@ -31,6 +31,7 @@ full decode + resize there. :func:`decode` always decodes in full.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -95,7 +96,10 @@ def _decode(data: bytes, field: str, max_pixels: int, draft: ModelConfig | None 
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as error:
         raise ResourceExhausted(f"{field}: {error}") from None
     except Exception as error:  # Pillow raises many types for corrupt data
-        raise InvalidArgument(field, f"cannot decode image: {type(error).__name__}: {error}") from None
+        # Pillow names the in-memory file it could not read ("<_io.BytesIO object at 0x7f...>"): not useful
+        # to the caller, and it would make the same bad file's message differ from run to run
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error))
+        raise InvalidArgument(field, f"cannot decode image: {type(error).__name__}: {reason}") from None
     return image, box
 
 

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from convscope.v1 import audit_pb2, audit_pb2_grpc, tensor_pb2
 from convscope_server.api.common import finite, positive, seconds_left, stream_within
-from convscope_server.api.dataset_service import ScanSource, first_spec
+from convscope_server.api.dataset_service import ScanSource, first_spec, on_cluster
 from convscope_server.api.model_service import require_model
 from convscope_server.audit.engine import AuditBudget
 from convscope_server.audit.store import AuditStore, check_name
@@ -55,9 +55,10 @@ def info_of(name: str, report: dict, file_bytes: int = 0) -> audit_pb2.AuditInfo
 
 
 class AuditService(audit_pb2_grpc.AuditServiceServicer):
-    def __init__(self, repository, bridges, data_root: DataRoot, store: AuditStore, limits):
+    def __init__(self, repository, bridges, data_root: DataRoot, store: AuditStore, limits, cluster=None):
         self.repository, self.bridges, self.data_root, self.store, self.limits = (
             repository, bridges, data_root, store, limits)
+        self.cluster = cluster      # distributed.Cluster when the server runs with --ray: the scan stage runs there
 
     def RunAudit(self, requests, context):
         from convscope_server.audit.engine import run_audit
@@ -72,6 +73,11 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             if not classes or any(not 0 <= c < model.num_classes for c in classes):
                 raise InvalidArgument(f"spec.label_map[{label!r}]", f"classes {classes} are not all in the model's "
                                       f"0..{model.num_classes - 1}")
+        remote = None
+        if on_cluster(spec.source, self.cluster):
+            from convscope_server import distributed
+
+            remote = distributed.audit_scan(self.cluster, model, self.data_root.root, self.limits.max_image_pixels)
         source = ScanSource(spec.source, requests, model, self.data_root, self.limits)
         if self.bridges.pending(model.name):
             yield audit_pb2.AuditEvent(progress=tensor_pb2.Progress(stage="converting the model for gradient "
@@ -90,7 +96,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             try:
                 report = run_audit(model, source.items, torch_model, budget, label_map,
                                    lambda stage, step, total: progress(step, total or source.total, stage),
-                                   should_stop, self.limits.decode_workers)
+                                   should_stop, self.limits.decode_workers, remote)
                 if report is None:
                     return None
                 report["created"] = created

@@ -139,9 +139,10 @@ class _StageClock:
 
 def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBudget(), label_map: dict | None = None,
               progress: Callable | None = None, should_stop: Callable[[], bool] = lambda: False,
-              workers: int = 0) -> dict | None:
+              workers: int = 0, remote: Callable | None = None) -> dict | None:
     """The audit of ``model`` over ``items`` (``datasets.Item``s). ``torch_model`` is the converted module,
-    or the reason there is none (a string). ``progress(stage, step, total)``. None when stopped."""
+    or the reason there is none (a string). ``progress(stage, step, total)``. ``remote``: the scan stage
+    runs elsewhere (``distributed.audit_scan``: a Ray cluster), with the same result. None when stopped."""
     report_progress = progress or (lambda stage, step, total: None)
     clock = _StageClock()
     report: dict = {"model": {"name": model.name, "producer": model.proto.producer_name,
@@ -176,7 +177,8 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
 
     result = scan(model, items, classifier_input(model.proto, model.config.logits_output), layers, model.run_batch,
                   should_stop, lambda done: report_progress("scanning", done, 0), workers, _ceilings(model, layers),
-                  keep=keep, track=track, k=budget.unit_patches, accepted=accepted, worst=budget.worst_images)
+                  keep=keep, track=track, k=budget.unit_patches, accepted=accepted, worst=budget.worst_images,
+                  remote=remote)
     if should_stop():
         return None
     report["dataset"] = {"images": len(result.ids), "skipped": [{"id": f.id, "reason": f.reason}

@@ -125,10 +125,17 @@ def perturbation_curve(score, sample: np.ndarray, baseline: np.ndarray, attribut
 # -- units ------------------------------------------------------------------------------------------------
 
 class UnitStatistics:
-    """Per-channel statistics of one layer over a scan, fed batch by batch with channels-first values
-    (N, C, ...): maximum, mean, the fraction of positions above ``threshold`` (active) and at or above a
-    ``ceiling`` (saturated; ReLU6's 6), the images counted, and the co-moments of the per-image channel
-    means (C x C), from which :meth:`neighbours` finds the channels that fire on the same images."""
+    """Per-channel statistics of one layer over a scan: maximum, mean, the fraction of positions above
+    ``threshold`` (active) and at or above a ``ceiling`` (saturated; ReLU6's 6), the images counted, and
+    the co-moments of the per-image channel means (C x C), from which :meth:`neighbours` finds the
+    channels that fire on the same images.
+
+    Fed with channels-first values (``add``) or with their per-image reduction (``add_rows`` of
+    :meth:`per_image`, what a Ray worker sends back). Sums are taken over blocks of ``BLOCK`` images in
+    arrival order, so the numbers are bit-identical however the images were batched on the way; reading a
+    statistic adds the last, partial block."""
+
+    BLOCK = 16
 
     def __init__(self, channels: int, threshold: float = 0.0, ceiling: float | None = None):
         self.threshold, self.ceiling = threshold, ceiling
@@ -140,22 +147,58 @@ class UnitStatistics:
         self.saturated = np.zeros(channels)
         self.image_mean_sum = np.zeros(channels)
         self.image_mean_products = np.zeros((channels, channels))
+        self._pending: list[dict] = []
+        self._pending_rows = 0
+
+    @staticmethod
+    def per_image(values: np.ndarray, threshold: float = 0.0, ceiling: float | None = None) -> dict[str, np.ndarray]:
+        """Channels-first values (N, C, ...) reduced per image and channel: maximum, total, active and
+        saturated counts (N, C), and the positions per image (N,)."""
+        flat = np.asarray(values, np.float64).reshape(values.shape[0], values.shape[1], -1)
+        return {"maximum": flat.max(axis=2), "total": flat.sum(axis=2),
+                "active": (flat > threshold).sum(axis=2),
+                "saturated": ((flat >= ceiling).sum(axis=2) if ceiling is not None
+                              else np.zeros(flat.shape[:2], np.int64)),
+                "positions": np.full(len(flat), flat.shape[2], np.int64)}
 
     def add(self, values: np.ndarray) -> None:
-        flat = np.moveaxis(np.asarray(values, np.float64), 1, 0).reshape(len(self.maximum), -1)
-        per_image = np.asarray(values, np.float64).reshape(values.shape[0], values.shape[1], -1).mean(axis=2)
-        self.image_mean_sum += per_image.sum(axis=0)
-        self.image_mean_products += per_image.T @ per_image
-        self.images += values.shape[0]
-        self.positions += flat.shape[1]
-        self.maximum = np.maximum(self.maximum, flat.max(axis=1))
-        self.total += flat.sum(axis=1)
-        self.active += (flat > self.threshold).sum(axis=1)
-        if self.ceiling is not None:
-            self.saturated += (flat >= self.ceiling).sum(axis=1)
+        self.add_rows(self.per_image(values, self.threshold, self.ceiling))
+
+    def add_rows(self, rows: dict[str, np.ndarray]) -> None:
+        """Fold in :meth:`per_image` rows of the next images."""
+        self.maximum = np.maximum(self.maximum, rows["maximum"].max(axis=0, initial=-np.inf))
+        self._pending.append(rows)
+        self._pending_rows += len(rows["maximum"])
+        if self._pending_rows >= self.BLOCK:
+            self._flush(final=False)
+
+    def finish(self) -> None:
+        """Add the last, partial block (the end of a scan)."""
+        self._flush()
+
+    def _flush(self, final: bool = True) -> None:
+        if not self._pending:
+            return
+        pending = {key: np.concatenate([rows[key] for rows in self._pending]) for key in self._pending[0]}
+        blocks = len(pending["maximum"]) if final else len(pending["maximum"]) // self.BLOCK * self.BLOCK
+        for begin in range(0, blocks, self.BLOCK):
+            end = min(begin + self.BLOCK, blocks)
+            total = pending["total"][begin:end]
+            means = total / pending["positions"][begin:end, None]
+            self.images += end - begin
+            self.positions += int(pending["positions"][begin:end].sum())
+            self.total += total.sum(axis=0)
+            self.active += pending["active"][begin:end].sum(axis=0)
+            self.saturated += pending["saturated"][begin:end].sum(axis=0)
+            self.image_mean_sum += means.sum(axis=0)
+            self.image_mean_products += means.T @ means
+        rest = {key: values[blocks:] for key, values in pending.items()}
+        self._pending = [rest] if len(rest["maximum"]) else []
+        self._pending_rows = len(rest["maximum"])
 
     @property
     def mean(self) -> np.ndarray:
+        self._flush()
         return self.total / max(1, self.positions)
 
     def dead(self) -> np.ndarray:
@@ -165,6 +208,7 @@ class UnitStatistics:
     def correlation(self) -> np.ndarray:
         """Pearson correlation between channels of their per-image mean activation over the scanned images
         (C x C; NaN where a channel's mean is the same on every image, e.g. a dead channel)."""
+        self._flush()
         n = max(1, self.images)
         mean = self.image_mean_sum / n
         covariance = self.image_mean_products / n - np.outer(mean, mean)
@@ -188,6 +232,7 @@ class UnitStatistics:
         """Channels at or above the ceiling at more than ``share`` of their positions."""
         if self.ceiling is None:
             return np.zeros(0, np.int64)
+        self._flush()
         return np.flatnonzero(self.saturated / max(1, self.positions) > share)
 
 
