@@ -307,3 +307,37 @@ def test_feature_visualisations_excite_their_channel_and_batch_like_one_at_a_tim
     first = report["units"]["/relu1/Relu_output_0"]["pages"]
     assert {card["feature_of"] for card in first} == {"centre unit"}
     assert all(_decode(card["feature_png"]).shape == (96, 96, 3) for card in first)
+
+
+def test_a_swish_stem_shows_its_filters(tmp_path):
+    """SiLU exported as x * Sigmoid(x) after a Conv + BatchNorm on the image: its channels are that
+    Conv's filters (batch norm folded in by the exporter); a sum of two convolutions has none."""
+    import onnx
+    from onnx import numpy_helper
+
+    from convscope_server.audit.engine import first_layer_filters
+    from tiny_models import TINY_CONFIG
+
+    class Stem(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.SiLU()
+            self.side = torch.nn.Conv2d(3, 4, 1)
+            self.head = torch.nn.Linear(4, NUM_CLASSES)
+
+        def forward(self, x):
+            y = self.act(self.bn(self.conv(x)))
+            z = y + self.side(x)
+            return self.head(z.mean(dim=(2, 3)))
+
+    folder = tmp_path / "swish"
+    export(Stem().eval(), folder / "model.onnx")
+    (folder / "config.toml").write_text(TINY_CONFIG.replace('labels = "labels.txt"', ""))
+    model = load_folder("swish", folder)
+    proto = onnx.load(str(folder / "model.onnx"))
+    mul = next(n for n in proto.graph.node if n.op_type == "Mul")
+    add = next(n for n in proto.graph.node if n.op_type == "Add")
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv" and n.output[0] in mul.input)
+    weights = next(numpy_helper.to_array(i) for i in proto.graph.initializer if i.name == conv.input[1])
+    np.testing.assert_array_equal(first_layer_filters(model, mul.output[0]), weights)
+    assert first_layer_filters(model, add.output[0]) is None

@@ -328,8 +328,12 @@ def first_layer_filters(model, layer_name: str):
             return weights if weights is not None and weights.ndim == 4 and sees_pixels and group == 1 else None
         if node.op_type not in PASS_THROUGH:
             return None
-        data = [i for i in node.input if i and i not in model.constants]
-        if len(set(data)) != 1:
+        data = list(dict.fromkeys(i for i in node.input if i and i not in model.constants))
+        if len(data) == 2 and node.op_type == "Mul":  # x * sigmoid(x) (SiLU / Swish written as two nodes)
+            gate = [i for i in data if producers.get(i) is not None and producers[i].op_type in (
+                "Sigmoid", "HardSigmoid") and producers[i].input[0] in data]
+            data = [i for i in data if i not in gate] if len(gate) == 1 else data
+        if len(data) != 1:
             return None  # two computed inputs (e.g. a residual sum): no single filter
         name = data[0]
     return None
