@@ -343,11 +343,14 @@ def test_an_audit_scanned_on_the_cluster_equals_the_audit_scanned_here(cluster_s
               "methods": ["vanilla"], "feature_steps": 2, "worst_images": 3,
               "label_map": {"a": 1, "b": 2, "c": [3, 4]}}
     reports = {}
+    stages = []
     for placement in ("server", "cluster"):
         info = cluster_server.run_audit(f"audit-{placement}", "tiny", dataset="many", placement=placement,
-                                        overwrite=True, **budget)
+                                        overwrite=True, progress=lambda step, total, stage: stages.append(stage),
+                                        **budget)
         assert info.images == GOOD
         reports[placement] = cluster_server.audit(f"audit-{placement}")
+    assert any(stage.startswith("starting 2 Ray actors") for stage in stages)
     for report in reports.values():
         del report["stage_seconds"], report["created"], report["model"]["timing"]
     assert [s["id"] for s in reports["cluster"]["dataset"]["skipped"]] == UNREADABLE

@@ -237,18 +237,23 @@ def rows_plan(model, outputs, reduce, root: Path, max_pixels: int) -> Plan:
                 model.run_batch, model.precision, tuple(outputs), "", reduce=reduce)
 
 
-def audit_scan(cluster: Cluster, model, root: Path, max_pixels: int):
+def audit_scan(cluster: Cluster, model, root: Path, max_pixels: int, progress=None):
     """The audit scan's ``remote`` (:func:`convscope_server.audit.scan.scan`): its per-image reduction
     (``reduce_batch``) run by the cluster's actors over a dataset folder's items, rows delivered in scan
-    order."""
+    order. ``progress(done, total, stage)`` hears the cluster's start ("starting N Ray actors ..."); the
+    scan reports the merged count itself."""
     import functools
 
     from convscope_server.audit.scan import reduce_batch
 
     def run(plan, items, deliver, on_failure, should_stop):
         work = rows_plan(model, plan.outputs, functools.partial(reduce_batch, plan), root, max_pixels)
-        return cluster.run(work, probe_bytes(model, plan.outputs), items, deliver, on_failure,
-                           lambda done, total, stage: None, should_stop, "scanning on the Ray cluster")
+        def starting(done, total, stage):
+            if progress is not None and stage.startswith("starting"):
+                progress(done, total, stage)
+
+        return cluster.run(work, probe_bytes(model, plan.outputs), items, deliver, on_failure, starting,
+                           should_stop, "scanning on the Ray cluster")
     return run
 
 

@@ -73,11 +73,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             if not classes or any(not 0 <= c < model.num_classes for c in classes):
                 raise InvalidArgument(f"spec.label_map[{label!r}]", f"classes {classes} are not all in the model's "
                                       f"0..{model.num_classes - 1}")
-        remote = None
-        if on_cluster(spec.source, self.cluster):
-            from convscope_server import distributed
-
-            remote = distributed.audit_scan(self.cluster, model, self.data_root.root, self.limits.max_image_pixels)
+        cluster_scan = on_cluster(spec.source, self.cluster)
         source = ScanSource(spec.source, requests, model, self.data_root, self.limits)
         if self.bridges.pending(model.name):
             yield audit_pb2.AuditEvent(progress=tensor_pb2.Progress(stage="converting the model for gradient "
@@ -93,6 +89,12 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
 
         def work(progress, should_stop):
             ran.append(True)
+            remote = None
+            if cluster_scan:
+                from convscope_server import distributed
+
+                remote = distributed.audit_scan(self.cluster, model, self.data_root.root,
+                                                self.limits.max_image_pixels, progress)
             try:
                 report = run_audit(model, source.items, torch_model, budget, label_map,
                                    lambda stage, step, total: progress(step, total or source.total, stage),
