@@ -283,6 +283,12 @@ def test_the_cli_scans_on_the_cluster(cluster_server, tmp_path, capsys):
     assert main(base + ["patches", "tiny", "/conv3/Conv_output_0", str(tmp_path / "one.png"), "--placement",
                         "cluster", "--out", str(tmp_path / "streamed")]) == 2
     assert "--dataset" in capsys.readouterr().err
+    assert main(base + ["audit", "tiny", "--dataset", "many", "--placement", "cluster", "--name", "cli-cluster",
+                        "--overwrite", "--unit-layers", "1", "--attribution-images", "1", "--curve-steps", "2",
+                        "--robustness-images", "2", "--method", "vanilla", "--feature-steps", "-1",
+                        "--worst-images", "-1", "--out", str(tmp_path / "audit")]) == 0
+    assert f"audit cli-cluster: {GOOD} images" in capsys.readouterr().out
+    assert (tmp_path / "audit" / "index.html").is_file()
 
 
 def test_a_server_process_joins_the_cluster_by_address(ray_cluster, cluster_server, repository, scan_root, tmp_path):
