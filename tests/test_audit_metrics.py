@@ -11,7 +11,7 @@ from scipy.spatial.distance import pdist, squareform
 from sklearn.metrics import confusion_matrix, top_k_accuracy_score
 
 from convscope_server.audit import metrics
-from tiny_models import NUM_CLASSES, SIZE, export, tiny_net
+from tiny_models import SIZE, export, tiny_net
 
 RNG = np.random.default_rng(7)
 

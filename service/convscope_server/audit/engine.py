@@ -300,9 +300,9 @@ def _add_neighbours(cards: list[dict], statistics, count: int) -> None:
     if count <= 0 or not cards:
         return
     correlation = statistics.correlation()
-    for card in cards:
-        card["neighbours"] = [{"channel": c, "correlation": rho}
-                              for c, rho in statistics.neighbours(card["channel"], count, correlation)]
+    for channel_card in cards:
+        channel_card["neighbours"] = [{"channel": c, "correlation": rho}
+                                      for c, rho in statistics.neighbours(channel_card["channel"], count, correlation)]
 
 
 PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "BatchNormalization", "Identity", "HardSigmoid", "HardSwish", "Elu",
