@@ -57,6 +57,7 @@ def test_audit_writes_a_site_and_gives_a_verdict(audit_server, tmp_path, capsys)
     assert {"feature.png", "filter.png", "card.png"} <= {f["file"] for f in stem}
     assert any(f.get("table") == "neighbours" and len(f["rows"]) == 5 for f in stem)
     assert "worst.png" in pictures and "per label" in page
+    assert {"duplicates.png", "outliers.png"} <= set(pictures)  # a dataset folder: its images are shown
 
     assert main(base + ["audits", "show", "lite0", "--out", str(tmp_path / "again"), "--fail-if", "images < 100"]) == 6
     assert "failed images < 100 (it is 8)" in capsys.readouterr().err

@@ -341,3 +341,20 @@ def test_a_swish_stem_shows_its_filters(tmp_path):
     weights = next(numpy_helper.to_array(i) for i in proto.graph.initializer if i.name == conv.input[1])
     np.testing.assert_array_equal(first_layer_filters(model, mul.output[0]), weights)
     assert first_layer_filters(model, add.output[0]) is None
+
+
+def test_near_duplicates_and_outliers_carry_their_images(audited):
+    """A dataset folder's near-duplicate pairs and outliers come with thumbnails of their own files."""
+    from convscope_server import render
+    from convscope_server.forward.neighbors import thumbnail
+
+    model, native, data, base, report, _ = audited
+    dataset = report["dataset"]
+    assert dataset["near_duplicates"] and dataset["outliers"]
+    for entry, key in ([(p, "first") for p in dataset["near_duplicates"]] + [(p, "second") for p in
+                       dataset["near_duplicates"]] + [(o, "") for o in dataset["outliers"]]):
+        name, png = (entry[key], entry[f"{key}_png"]) if key else (entry["id"], entry["png"])
+        pixels = np.asarray(Image.open(data / name).convert("RGB"))
+        expected = thumbnail(render.display_image(
+            ((pixels.astype(np.float32) / 255.0 - 0.5) / 0.25).transpose(2, 0, 1), model.config), 96)
+        assert np.abs(_decode(png) - expected.astype(np.int32)).max() <= 1, name

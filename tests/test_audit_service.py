@@ -53,6 +53,10 @@ def test_an_audit_runs_is_stored_listed_and_deleted(audit_stub):
     assert "vanilla" in report["faithfulness"]["methods"]
     assert {"worst images", "feature visualisation"} <= set(stages)
     assert report["feature_visualisation"]["steps"] == 64  # the default
+    # streamed images are kept only while a table holds them (here the channels' top images hold all six)
+    missing = sum("png" not in o for o in report["dataset"]["outliers"]) + sum(
+        "first_png" not in p for p in report["dataset"]["near_duplicates"])
+    assert (missing == 0) == ("pictures" not in report["dataset"])
     assert all(w.get("cam_predicted_png") for w in report["classes"]["worst"])
     assert [a.name for a in audit_stub.ListAudits(audit_pb2.ListAuditsRequest()).audits] == ["tiny-1"]
     with pytest.raises(grpc.RpcError) as error:

@@ -234,6 +234,42 @@ def _worst_figure(worst: list[dict], layer: str) -> figures.Picture:
 
 
 @figures._styled
+def _pairs_figure(pairs: list[dict]) -> figures.Picture:
+    """Near-duplicate pairs side by side, two pairs per row, titled with their code distance."""
+    shown = [pair for pair in pairs if pair.get("first_png")]
+    rows = (len(shown) + 1) // 2
+    fig = figures._new(9, 2.4 * rows)
+    axes = fig.subplots(rows, 4, squeeze=False)
+    for n, pair in enumerate(shown):
+        row, half = divmod(n, 2)
+        for column, key in enumerate(("first", "second")):
+            ax = axes[row, 2 * half + column]
+            ax.imshow(_pixels(pair[f"{key}_png"]))
+            ax.set_title(Path(pair[key]).name[:20] + (f"\ndistance {pair['distance']:.3g}" if column == 0 else "\n"),
+                         fontsize=8)
+            figures._blank(ax)
+    for ax in axes.ravel()[2 * len(shown):]:
+        ax.axis("off")
+    return figures._save(fig, {"pairs": len(shown)})
+
+
+@figures._styled
+def _outliers_figure(outliers: list[dict]) -> figures.Picture:
+    shown = [o for o in outliers if o.get("png")]
+    columns = min(6, max(1, len(shown)))
+    rows = (len(shown) + columns - 1) // columns
+    fig = figures._new(1.6 * columns, 1.9 * rows)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax, outlier in zip(axes.ravel(), shown):
+        ax.imshow(_pixels(outlier["png"]))
+        ax.set_title(f"{Path(outlier['id']).name[:14]}\n{outlier['mean_distance']:.3g}", fontsize=8)
+        figures._blank(ax)
+    for ax in axes.ravel()[len(shown):]:
+        ax.axis("off")
+    return figures._save(fig, {"outliers": len(shown)})
+
+
+@figures._styled
 def _channel_card(layer: str, card: dict) -> figures.Picture:
     """One channel: its top images' receptive-field crops with their values, and its mean per label."""
     import base64
@@ -472,9 +508,18 @@ def write_site(report: dict, out: Path, name: str) -> Path:
     page.table("near-duplicate pairs", ["image", "image", "code distance"],
                [[p["first"], p["second"], f"{p['distance']:.4g}"] for p in dataset["near_duplicates"]],
                "images the network sees as the same: duplicates can leak between splits")
+    if any(p.get("first_png") for p in dataset["near_duplicates"]):
+        page.figure("duplicates.png", _pairs_figure(dataset["near_duplicates"]),
+                    "near-duplicate pairs: the images the network codes most alike",
+                    "the same photo twice (or a crop of it) is a leak between splits or a weight the dataset gives "
+                    "one scene twice")
     page.table("outliers", ["image", "mean distance to 5 nearest"],
                [[o["id"], f"{o['mean_distance']:.4g}"] for o in dataset["outliers"]],
                "images unlike the rest: mislabelled, corrupt or out of distribution?")
+    if any(o.get("png") for o in dataset["outliers"]):
+        page.figure("outliers.png", _outliers_figure(dataset["outliers"]),
+                    "outliers: the images farthest from their 5 nearest (number: that mean code distance)",
+                    "blank, corrupt or out-of-domain images, and labels no other image shares")
     page.file("audit.json", json.dumps(report, indent=1))
     return page.write()
 

@@ -194,6 +194,7 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
         for channel_card in cards if filters is not None else ():
             channel_card["filter_png"] = _filter_png(filters, channel_card["channel"], model.config)
     report["dataset"].update(sections.dataset(result))
+    _dataset_pictures(report["dataset"], result, model)
 
     samples = result.kept
     predicted = result.logits[: len(samples)].argmax(axis=1).tolist()
@@ -438,6 +439,39 @@ def _feature_visualisations(model, torch_model, track: dict, steps: int, should_
                 found[name][channel] = (base64.b64encode(render.png(pixels)).decode(),
                                         "channel" if centre is None else "centre unit")
     return found
+
+
+def _dataset_pictures(section: dict, result, model, side: int = 96) -> None:
+    """Thumbnails (base64 PNG) of the near-duplicate pairs and the outliers, for images whose loader the
+    scan still has (a dataset folder's files; streamed images are gone after the pass)."""
+    import base64
+
+    from convscope_server import render
+    from convscope_server.forward.neighbors import thumbnail
+
+    def picture(index: int) -> str | None:
+        load = result.sources.get(index) or (result.loaders.get(index) or (None, None))[1]
+        if load is None:
+            return None
+        pixels = thumbnail(render.display_image(load(), model.config), side)
+        return base64.b64encode(render.png(pixels)).decode()
+
+    missing = 0
+    for pair in section.get("near_duplicates", []):
+        first, second = picture(pair["first_index"]), picture(pair["second_index"])
+        if first and second:
+            pair["first_png"], pair["second_png"] = first, second
+        else:
+            missing += 1
+    for outlier in section.get("outliers", []):
+        found = picture(outlier["index"])
+        if found:
+            outlier["png"] = found
+        else:
+            missing += 1
+    if missing:
+        section["pictures"] = (f"{missing} of the pairs and outliers are images streamed to the server and not kept "
+                               "after the scan (only those another table holds are): ids only")
 
 
 def _worst_pictures(section: dict, result, model, torch_model, reason: str, cam_layer, mapping, count: int,

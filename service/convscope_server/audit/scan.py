@@ -68,6 +68,8 @@ class ScanResult:
     class_sums: dict = field(default_factory=dict)  # layer -> {label: (sum of per-image channel means, images)}
     worst: list = field(default_factory=list)  # [(probability of the label, scan index)], lowest first
     indices: list[int] = field(default_factory=list)  # scan index of each row (rows skip unreadable items)
+    sources: dict = field(default_factory=dict)  # scan index -> loader of a dataset folder's file (a path, not
+                                                 # pixels), so any image can be shown after the pass
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -188,6 +190,7 @@ def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list
     if remote is not None:
         listed = list(items)
         by_index = {item.index: item for item in listed}
+        result.sources = {item.index: item.load for item in listed if item.path is not None}
 
         def deliver(indices, rows):
             chosen = [by_index[i] for i in indices]
@@ -208,7 +211,14 @@ def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list
     else:
         backend = OrtBackend(model)
         kept_batches = []
-        for batch in batches(items, batch_size, result.failures.append, should_stop, workers):
+
+        def noting(items):
+            for item in items:
+                if item.path is not None:  # a file: its loader holds the path only
+                    result.sources[item.index] = item.load
+                yield item
+
+        for batch in batches(noting(items), batch_size, result.failures.append, should_stop, workers):
             if sum(len(b) for b in kept_batches) < keep:
                 kept_batches.append(batch.inputs[: keep - sum(len(b) for b in kept_batches)].copy())
             rows = reduce_batch(plan, backend.tensors(batch.inputs, plan.outputs))

@@ -96,9 +96,15 @@ def dataset(result, duplicates: int = 20, outliers: int = 12, neighbours: int = 
         distance[np.arange(len(block)), np.arange(begin, begin + len(block))] = np.inf
         isolation[begin: begin + len(block)] = np.sort(distance, axis=1)[:, :k].mean(axis=1)
     far = np.argsort(-isolation, kind="stable")[:outliers]
+
+    def index(row: int) -> int:
+        return int(result.indices[row]) if result.indices else row
+
     return {"near_duplicates": [{"first": result.ids[p.first], "second": result.ids[p.second],
+                                 "first_index": index(p.first), "second_index": index(p.second),
                                  "distance": p.distance} for p in pairs],
-            "outliers": [{"id": result.ids[i], "mean_distance": float(isolation[i])} for i in far.tolist()]}
+            "outliers": [{"id": result.ids[i], "index": index(i), "mean_distance": float(isolation[i])}
+                         for i in far.tolist()]}
 
 
 def unit_channels(result, model, tile: int = 48) -> dict:
