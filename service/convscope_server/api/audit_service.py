@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from convscope.v1 import audit_pb2, audit_pb2_grpc, tensor_pb2
 from convscope_server.api.common import finite, positive, seconds_left, stream_within
-from convscope_server.api.dataset_service import ScanSource, first_spec, on_cluster
+from convscope_server.api.scans import ScanSource, first_spec, on_cluster
 from convscope_server.api.model_service import require_model
 from convscope_server.audit.engine import AuditBudget
 from convscope_server.audit.store import AuditStore, check_name
