@@ -12,7 +12,7 @@ import pytest
 
 from convscope.tensors import to_tensor
 from convscope.v1 import audit_pb2, audit_pb2_grpc, dataset_pb2, tensor_pb2
-from conftest import start
+from conftest import png_bytes, start
 
 BUDGET = audit_pb2.AuditBudget(unit_layers=1, attribution_images=2, curve_steps=2, robustness_images=4,
                                epsilons=[0.0, 0.02])
@@ -66,6 +66,29 @@ def test_an_audit_runs_is_stored_listed_and_deleted(audit_stub):
     with pytest.raises(grpc.RpcError) as error:
         audit_stub.GetAudit(audit_pb2.GetAuditRequest(name="tiny-1"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("model", ["tiny_nhwc", "tiny_fixed_batch"])
+def test_channels_last_and_fixed_batch_models_get_every_section(audit_stub, model):
+    """A channels-last graph and one fixed at batch 1: gradient sections (Integrated Gradients in chunks the
+    graph takes), batched feature visualisation and Grad-CAM of the worst images all run."""
+    budget = audit_pb2.AuditBudget()
+    budget.CopyFrom(BUDGET)
+    budget.methods[:] = ["integrated_gradients", "gradcam"]
+    budget.feature_steps = 3
+    rng = np.random.default_rng(5)
+    encoded = [audit_pb2.AuditRequest(item=dataset_pb2.DatasetItem(
+        id=f"png{n}", label=["thing 1", "2"][n % 2], image=tensor_pb2.Image(encoded=png_bytes(
+            rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))))) for n in range(6)]
+    events = list(audit_stub.RunAudit(iter([audit_pb2.AuditRequest(spec=audit_pb2.AuditSpec(
+        name=f"any-{model}", model=model, budget=budget)), *encoded]), timeout=120))
+    assert events[-1].result.images == 6
+    report = json.loads(audit_stub.GetAudit(audit_pb2.GetAuditRequest(name=f"any-{model}")).json)
+    assert set(report["faithfulness"]["methods"]) == {"integrated_gradients", "gradcam", "random"}
+    assert all("feature_png" in card for layer in report["units"].values() for card in layer.get("pages", []))
+    assert report["classes"]["worst"] and all("cam_predicted_png" in w for w in report["classes"]["worst"])
+    assert report["robustness"]["fgsm"]["accuracy"]
+    audit_stub.DeleteAudit(audit_pb2.DeleteAuditRequest(name=f"any-{model}"))
 
 
 def test_minus_one_turns_off_feature_visualisation_and_the_worst_images(audit_stub):

@@ -107,7 +107,9 @@ def _maps(method: str, model, torch_model, samples, targets, cam_layer) -> list[
             out.append(attribution.saliency_map(grads, channel_axis))
         elif method == "integrated_gradients":
             with torch_model.scope():
-                grads = attribution.integrated_gradients(torch_model, sample, target, np.zeros_like(sample), 16, 16)
+                chunk = 1 if model.fixed_batch == 1 else 16  # a graph fixed at batch 1 takes one image a pass
+                grads = attribution.integrated_gradients(torch_model, sample, target, np.zeros_like(sample), 16,
+                                                         chunk)
             out.append(attribution.saliency_map(grads, channel_axis))
         elif method == "gradcam":
             with torch_model.scope():
