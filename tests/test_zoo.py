@@ -20,7 +20,7 @@ import pytest
 
 import zoo
 from convscope import Client, FailedPrecondition
-from conftest import start
+from conftest import png_bytes, start
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")  # onnx2pytorch's
 
@@ -266,3 +266,24 @@ def test_exported_gelus_and_layer_norms_run_fused_and_stay_capturable(zoo_server
         torch_model.logits(x)
     expected = zoo_client.activations(name, entries[name].sample(chelsea), [tensor])[tensor].values
     np.testing.assert_allclose(store[tensor].numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["convnext_dynamo20", "efficientnet_b0_legacy17", "googlenet_legacy11",
+                                  "uint8_nhwc_legacy17"])
+def test_an_audit_runs_every_section(zoo_client, chelsea, name):
+    """The audit on architectures unlike the default model (LayerNorm and GELU, a Swish stem, Inception
+    concatenations, a channels-last uint8 graph): every section, feature visualisations of every sampled
+    channel, Grad-CAM of the worst images, and first-layer filters where the stem reads the image."""
+    rng = np.random.default_rng(3)
+    images = [(f"{label}/{n}.png", png_bytes(np.roll(chelsea, int(rng.integers(0, 100)), axis=1)), label)
+              for n, label in enumerate(["1", "2"] * 4)]
+    zoo_client.run_audit(f"zoo-{name}", name, images, overwrite=True, unit_layers=2, attribution_images=1,
+                         curve_steps=2, robustness_images=2, epsilons=[0.0, 0.01], methods=["vanilla", "gradcam"],
+                         feature_steps=2, worst_images=2)
+    report = zoo_client.audit(f"zoo-{name}")
+    assert set(report["faithfulness"]["methods"]) == {"vanilla", "gradcam", "random"}
+    pages = [card for layer in report["units"].values() for card in layer.get("pages", [])]
+    assert len(report["units"]) == 2 and pages and all("feature_png" in card for card in pages)
+    assert [bool(w.get("cam_label_png")) for w in report["classes"]["worst"][:2]] == [True, True]
+    assert any("filter_png" in card for card in pages) == (not name.startswith("convnext"))  # a LayerNorm stem
+    assert report["robustness"]["fgsm"]["accuracy"] and report["randomisation"]["correlations"]
