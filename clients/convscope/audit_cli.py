@@ -301,6 +301,10 @@ def _channel_folder(channel: int) -> str:
     return f"channel_{channel}"
 
 
+def _layer_folder(layer: str) -> str:
+    return safe_name(layer.strip("/")) or "layer"
+
+
 def _unit_pages(report: dict, out: Path) -> list[tuple[str, str]]:
     """Microscope-style navigation, layer -> channel -> neighbours: a page per audited layer (its sampled
     channels' feature visualisations and links) and a page per sampled channel (its filter when it reads
@@ -310,7 +314,7 @@ def _unit_pages(report: dict, out: Path) -> list[tuple[str, str]]:
     layers = [(layer, numbers) for layer, numbers in report["units"].items() if numbers.get("pages")]
     for position, (layer, numbers) in enumerate(layers):
         cards = numbers["pages"]
-        folder = safe_name(layer.strip("/")) or "layer"
+        folder = _layer_folder(layer)
         dead = set(numbers["dead"])
         page = Page(out / "units" / folder, f"{layer}: {len(cards)} of {numbers['channels']} channels",
                     report["model"]["name"], "Each sampled channel of this layer: what it draws when an image is "
@@ -318,9 +322,9 @@ def _unit_pages(report: dict, out: Path) -> list[tuple[str, str]]:
                     "excite it most, its mean activation per label and its neighbours.")
         navigation = [("back to the audit", "../../index.html")]
         navigation += [(f"previous layer: {layers[position - 1][0]}",
-                        f"../{safe_name(layers[position - 1][0].strip('/')) or 'layer'}/index.html")] if position else []
+                        f"../{_layer_folder(layers[position - 1][0])}/index.html")] if position else []
         navigation += ([(f"next layer: {layers[position + 1][0]}",
-                         f"../{safe_name(layers[position + 1][0].strip('/')) or 'layer'}/index.html")]
+                         f"../{_layer_folder(layers[position + 1][0])}/index.html")]
                        if position + 1 < len(layers) else [])
         page.links("navigation", navigation)
         page.figure("channels.png", _feature_overview(layer, cards, dead),

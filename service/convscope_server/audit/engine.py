@@ -16,6 +16,7 @@ import numpy as np
 from convscope_server.audit import card, robustness, sections
 from convscope_server.audit.faithfulness import faithfulness
 from convscope_server.audit.scan import class_mapping, scan
+from convscope_server.errors import NotFound
 from convscope_server.forward import activations as acts
 from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.occlusion import occlusion
@@ -324,7 +325,10 @@ def first_layer_filters(model, layer_name: str):
             return None
         if node.op_type == "Conv":
             weights = model.constants.get(node.input[1])
-            source = model.layer(node.input[0]) if node.input[0] in {l.name for l in model.layers} else None
+            try:
+                source = model.layer(node.input[0])
+            except NotFound:
+                source = None
             group = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
             sees_pixels = (source is not None and source.spatial is not None and source.spatial.h.size == 1
                            and source.spatial.w.size == 1)
@@ -370,7 +374,7 @@ def optimised_tensor(model, layer) -> tuple[str, int]:
     if node is not None and node.op_type in ACTIVATIONS and node.input and node.input[0] not in model.constants:
         try:
             source = model.layer(node.input[0])
-        except Exception:  # noqa: BLE001 - an input the analysis does not list: optimise the layer itself
+        except NotFound:  # an input the analysis does not list: optimise the layer itself
             source = None
         if source is not None and tuple(source.shape) == tuple(layer.shape) and source.layout == layer.layout:
             return source.name, axis
