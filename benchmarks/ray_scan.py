@@ -197,9 +197,10 @@ def main() -> None:
         print(f"\nTopPatches {MODEL} {LAYER} (1280 channels, k=9) over {args.images} 256 px JPEGs, "
               f"{os.cpu_count()} cores, median of {args.rounds} alternating rounds; every cluster result equal to "
               "the local one")
-        print(f"{'':44} {'images/s':>9} {'steady':>9} {'driver CPU/image':>17}")
+        print(f"{'':44} {'images/s':>9} {'vs local':>9} {'steady':>9} {'driver CPU/image':>17}")
+        local_rate = rows[0][1]
         for name, rate, steady, driver in rows:
-            print(f"{name:44} {rate:9.1f} {'' if steady is None else f'{steady:9.1f}':>9} "
+            print(f"{name:44} {rate:9.1f} {rate / local_rate:8.2f}x {'' if steady is None else f'{steady:9.1f}':>9} "
                   f"{'' if driver is None else f'{driver * 1e3:14.2f} ms':>17}")
         channels = 1280
         print("\nfor the estimate of N GPU nodes:")
