@@ -92,6 +92,7 @@ class Cluster:
                 else:
                     ray.init(address=self.address, **options)
             except Exception as error:  # noqa: BLE001 - any failure to connect is the flag's
+                ray.shutdown()   # what a half-started local node left running (its GCS) stops here
                 raise ValueError(f"--ray: cannot {'start' if self.address == 'local' else 'join'} the Ray cluster "
                                  f"{self.address!r}: {type(error).__name__}: {error}") from None
             self.owned = True
