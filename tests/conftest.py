@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import io
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from convscope_server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "efficientnet_lite0"
+AUDIT_ROOTS = Path(tempfile.mkdtemp(prefix="convscope-test-audits-"))   # each test server's audit root below
+atexit.register(shutil.rmtree, AUDIT_ROOTS, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +38,7 @@ def start(repository: Path, **settings):
     """A real server on a free loopback port. Gradient warm-up is off unless asked for: most test servers
     never run a gradient method, and converting every model of the repository would only load the cores."""
     settings.setdefault("gradient_warmup", False)
-    settings.setdefault("audit_root", Path(tempfile.mkdtemp(prefix="convscope-audits-")))  # never the checkout's
+    settings.setdefault("audit_root", Path(tempfile.mkdtemp(dir=AUDIT_ROOTS)))  # never the checkout's
     return create_server(ServerConfig(host="127.0.0.1", port=0, repository=repository, workers=4,
                                       grace_seconds=1.0, **settings))
 

@@ -42,6 +42,42 @@ def test_image_forms_agree(client, chelsea):
     np.testing.assert_allclose([s.logit for s in as_png], [s.logit for s in as_array], rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["grey16", "rgb16", "rgba", "palette", "grey8"])
+def test_image_files_in_other_modes_read_as_opencv_reads_them(client, chelsea, tmp_path, kind):
+    """16-bit grey / RGB PNGs, RGBA, palette and 8-bit grey files give the pixels OpenCV's imread gives
+    (IMREAD_COLOR: the top 8 bits of 16, alpha dropped, grey repeated): the same prediction as sending
+    those pixels. Pillow's own convert would clip a 16-bit grey image to white."""
+    import cv2
+
+    path = tmp_path / f"{kind}.png"
+    grey = chelsea.mean(axis=2)
+    if kind == "grey16":
+        cv2.imwrite(str(path), (grey * 257).astype(np.uint16))
+    elif kind == "rgb16":
+        cv2.imwrite(str(path), (chelsea[..., ::-1].astype(np.uint16) * 257 + 100))
+    elif kind == "rgba":
+        alpha = np.linspace(0, 255, chelsea.shape[1]).astype(np.uint8)[None, :].repeat(chelsea.shape[0], 0)
+        Image.fromarray(np.dstack([chelsea, alpha])).save(path)
+    elif kind == "palette":
+        Image.fromarray(chelsea).quantize(64).save(path)
+    else:
+        Image.fromarray(grey.astype(np.uint8)).save(path)
+    expected = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert expected.std() > 10   # a real picture, not a flat one
+    from_file = client.predict("efficientnet_lite0", path, top=5)
+    from_pixels = client.predict("efficientnet_lite0", expected, top=5)
+    assert [s.index for s in from_file] == [s.index for s in from_pixels]
+    np.testing.assert_allclose([s.logit for s in from_file], [s.logit for s in from_pixels], rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_tiff_in_zero_to_one_is_scaled_to_pixels(client, chelsea, tmp_path):
+    grey = chelsea.mean(axis=2).astype(np.uint8)
+    Image.fromarray((grey / 255.0).astype(np.float32), "F").save(tmp_path / "grey.tiff")
+    from_file = client.predict("efficientnet_lite0", tmp_path / "grey.tiff", top=5)
+    from_pixels = client.predict("efficientnet_lite0", np.repeat(grey[..., None], 3, axis=2), top=5)
+    np.testing.assert_allclose([s.logit for s in from_file], [s.logit for s in from_pixels], rtol=1e-5, atol=1e-5)
+
+
 def test_float32_input_is_used_unchanged_and_matches_onnxruntime(client, repository, chelsea):
     x = reference_input(chelsea)
     session = ort.InferenceSession(str(repository / "efficientnet_lite0" / "model.onnx"),

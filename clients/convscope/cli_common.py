@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from convscope import errors
+from convscope.images import eight_bit
 
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 
@@ -146,7 +147,7 @@ def load_photo(path) -> np.ndarray:
     path = image_file(path)
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(eight_bit(image).convert("RGB"))
     except UnidentifiedImageError:
         raise CliError(f"{path}: not an image file that Pillow can decode (PNG, JPEG, ...)") from None
     except (OSError, ValueError) as error:

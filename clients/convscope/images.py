@@ -40,3 +40,22 @@ def to_image_message(image) -> tensor_pb2.Image:
         return tensor_pb2.Image(encoded=buffer.getvalue())
     raise TypeError(f"cannot send {type(image).__name__} as an image: give a path, bytes, a PIL image, "
                     "a uint8 HxWxC array or a float32 model-input array")
+
+
+def eight_bit(image):
+    """A PIL image in 16-bit or 32-bit grey (PNG / TIFF modes I;16*, I, F) as 8-bit grey: the top 8 of 16
+    bits, as OpenCV's imread does (Pillow's own convert clips every value above 255 to white); a float image
+    in [0, 1] is scaled by 255, other floats are clipped to [0, 255]. Other modes are returned unchanged."""
+    from PIL import Image as PILImage
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values >> 8
+        return PILImage.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, np.float64))
+        if values.size and 0 <= values.min() and values.max() <= 1:
+            values = values * 255
+        return PILImage.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+    return image

@@ -37,6 +37,7 @@ import warnings
 import numpy as np
 from PIL import Image as PILImage
 
+from convscope.images import eight_bit
 from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.repository import ModelConfig
 from convscope_server.tensors import read_tensor
@@ -115,6 +116,7 @@ def resized_size(width: float, height: float, config: ModelConfig) -> tuple[int,
 def pixels_to_input(image: PILImage.Image, config: ModelConfig, box: tuple | None = None) -> np.ndarray:
     """Resize (``box``: the part of ``image`` holding the picture), crop, scale, normalise, lay out."""
     mode = "L" if config.channels == 1 else "RGB"
+    image = eight_bit(image)
     if image.mode != mode:
         image = image.convert(mode)
     box = box or (0, 0, image.width, image.height)
