@@ -50,8 +50,8 @@ def _shape(shape) -> str:
 
 
 def cmd_models(client: Client, args) -> int:
-    rows = [[m.name, "ready" if m.ready else "FAILED", m.num_classes or "", m.execution_provider or "",
-             m.error] for m in client.models()]
+    rows = [[m.name, "ready" if m.ready else "FAILED", m.num_classes or ("none" if m.no_classes else ""),
+             m.execution_provider or "", m.error] for m in client.models()]
     print(table(["model", "status", "classes", "provider", "error"], rows, right={2}))
     return 0
 
@@ -74,7 +74,8 @@ def cmd_describe(client: Client, args) -> int:
     for spec in d.outputs:
         marker = "  <- logits" if spec["name"] == d.logits_output else ""
         print(f"output      {spec['name']} {spec['datatype']} {_shape(spec['shape'])}{marker}")
-    print(f"classes     {d.num_classes}   batch {'dynamic' if not d.fixed_batch else f'fixed at {d.fixed_batch}'}")
+    classes = d.num_classes if not d.no_classes else f"none ({d.no_classes})"
+    print(f"classes     {classes}   batch {'dynamic' if not d.fixed_batch else f'fixed at {d.fixed_batch}'}")
     print(f"preprocess  {p['resize']} to {p['height']}x{p['width']} {p['layout']} {p['channel_order']}, "
           f"pixels in [0, {p['scale']:g}], mean {[round(m, 4) for m in p['mean']]}, "
           f"std {[round(s, 4) for s in p['std']]}")
@@ -567,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = _parser(commands, "predict", "top-k classes for images", cmd_predict)
     predict.add_argument("model", help="model name (see `convscope models`)")
     predict.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
-    predict.add_argument("--top", type=int, default=5, help="classes to list per image")
+    predict.add_argument("--top", type=int, default=0,
+                         help="classes to list per image (default: 5, or every class of a model with fewer)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     filters = _parser(commands, "filters", "weights of a Conv layer as a picture", cmd_filters)

@@ -93,13 +93,16 @@ class ModelSummary:
         ready: False when the model failed to load.
         error: why it failed to load.
         execution_provider: onnxruntime's provider in use, e.g. "CPUExecutionProvider".
-        num_classes: the logits' length.
+        num_classes: the logits' length (0 when the output holds no class scores).
+        no_classes: why the model's output holds no class scores (a segmentation map, a feature output):
+            class-based methods refuse it, layer methods serve it. Empty for a classifier.
     """
     name: str
     ready: bool
     error: str
     execution_provider: str
     num_classes: int
+    no_classes: str = ""
 
 
 _FLOATS = ("FP16", "FP32", "FP64")
@@ -127,6 +130,7 @@ class ModelDescription:
         run_batch: samples per onnxruntime run on the server's device.
         gradient: the torch module of gradient methods: state ("ready", "converting", "not converted",
             "unavailable"), reason, device, probe_difference, tolerance.
+        no_classes: why the logits output holds no class scores; empty for a classifier.
     """
     name: str
     inputs: list[dict]
@@ -143,6 +147,7 @@ class ModelDescription:
     precision: str = "exact"
     run_batch: int = 0
     gradient: dict = field(default_factory=dict)
+    no_classes: str = ""
     _by_name: dict = field(default_factory=dict, repr=False, compare=False)
 
     def layer(self, name: str) -> Layer:
@@ -604,7 +609,7 @@ class Client(DatasetMethods, AuditMethods):
     # -- models ---------------------------------------------------------------------------------------
     def models(self) -> list[ModelSummary]:
         response = self._call(self._models.ListModels, model_pb2.ListModelsRequest())
-        return [ModelSummary(m.name, m.ready, m.error, m.execution_provider, m.num_classes)
+        return [ModelSummary(m.name, m.ready, m.error, m.execution_provider, m.num_classes, m.no_classes)
                 for m in response.models]
 
     def describe(self, model: str, layers: Sequence[str] = ()) -> ModelDescription:
@@ -633,11 +638,11 @@ class Client(DatasetMethods, AuditMethods):
                                 r.run_batch, {"state": r.gradient.state, "reason": r.gradient.reason,
                                               "device": r.gradient.device,
                                               "probe_difference": r.gradient.probe_difference,
-                                              "tolerance": r.gradient.tolerance})
+                                              "tolerance": r.gradient.tolerance}, r.no_classes)
 
-    def predict(self, model: str, images, top: int = 5, *, timeout: float | None = None):
-        """Top-``top`` classes. ``images`` is one image (returns a list of ClassScore) or a list/tuple of
-        images (returns one such list per image)."""
+    def predict(self, model: str, images, top: int = 0, *, timeout: float | None = None):
+        """Top-``top`` classes (0: five, or every class of a model with fewer). ``images`` is one image
+        (returns a list of ClassScore) or a list/tuple of images (returns one such list per image)."""
         single = not isinstance(images, (list, tuple))
         batch: Sequence = [images] if single else images
         request = model_pb2.PredictRequest(model=model, top_k=top,

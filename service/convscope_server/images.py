@@ -113,9 +113,17 @@ def resized_size(width: float, height: float, config: ModelConfig) -> tuple[int,
     return config.width, config.height
 
 
+PIXEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}   # model input channels -> the picture mode that fills them
+
+
 def pixels_to_input(image: PILImage.Image, config: ModelConfig, box: tuple | None = None) -> np.ndarray:
-    """Resize (``box``: the part of ``image`` holding the picture), crop, scale, normalise, lay out."""
-    mode = "L" if config.channels == 1 else "RGB"
+    """Resize (``box``: the part of ``image`` holding the picture), crop, scale, normalise, lay out. A
+    4-channel model gets RGBA (alpha 255 where the picture has none); other channel counts take float32
+    model inputs only (ValueError)."""
+    mode = PIXEL_MODES.get(config.channels)
+    if mode is None:
+        raise ValueError(f"the model takes {config.channels} channels per pixel and a picture has 1, 3 or 4: send "
+                         f"a float32 model input of shape {list(sample_shape(config))} instead")
     image = eight_bit(image)
     if image.mode != mode:
         image = image.convert(mode)
@@ -133,7 +141,7 @@ def normalize_pixels(pixels: np.ndarray, config: ModelConfig) -> np.ndarray:
     scale, mean/std and layout as ``config`` says (no resize, no crop; the inverse of
     ``render.display_image``)."""
     if config.channel_order == "BGR":
-        pixels = pixels[..., ::-1]
+        pixels = pixels[..., bgr_order(pixels.shape[-1])]
     std = np.asarray(config.std, np.float64)
     multiply = (config.scale / 255.0 / std).astype(np.float32)
     add = (-np.asarray(config.mean, np.float64) / std).astype(np.float32)
@@ -143,6 +151,11 @@ def normalize_pixels(pixels: np.ndarray, config: ModelConfig) -> np.ndarray:
     x *= multiply
     x += add
     return x
+
+
+def bgr_order(channels: int) -> list[int]:
+    """RGB <-> BGR as a channel index list: the first three reversed, alpha (a fourth channel) kept last."""
+    return [2, 1, 0, *range(3, channels)] if channels >= 3 else list(range(channels))
 
 
 def _array_to_pil(array: np.ndarray, field: str) -> PILImage.Image:
@@ -190,6 +203,9 @@ def to_model_input(message, config: ModelConfig, field: str, max_pixels: int, dr
             raise ResourceExhausted(f"{field}.array: image is {width}x{height} pixels, over the limit of {max_pixels}")
         if budget is not None:
             budget.decoded(width, height, f"{field}.array")
-        return pixels_to_input(_array_to_pil(np.ascontiguousarray(array), f"{field}.array"), config)
+        try:
+            return pixels_to_input(_array_to_pil(np.ascontiguousarray(array), f"{field}.array"), config)
+        except ValueError as error:   # a model whose channel count no picture has
+            raise InvalidArgument(f"{field}.array", str(error)) from None
     raise InvalidArgument(f"{field}.array", f"datatype {message.array.datatype} is not accepted: send UINT8 pixels "
                           "or an FP32 model input")

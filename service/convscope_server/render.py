@@ -95,10 +95,20 @@ def display_image(x: np.ndarray, config) -> np.ndarray:
     """A model input sample (one image, model layout) back to uint8 HxWx3 pixels for showing."""
     hwc = x.transpose(1, 2, 0) if config.layout == "NCHW" else x
     pixels = (hwc * np.asarray(config.std, np.float32) + np.asarray(config.mean, np.float32)) * (255.0 / config.scale)
-    if config.channel_order == "BGR":
-        pixels = pixels[..., ::-1]
+    return shown_pixels(pixels, config.channel_order == "BGR")
+
+
+def shown_pixels(pixels: np.ndarray, bgr: bool) -> np.ndarray:
+    """Float HxWxC pixel values (0..255, the model's channel order) -> uint8 HxWx3 RGB: BGR reversed, RGBA's
+    colours, grey repeated; any other channel count shows the channels' mean as grey."""
+    channels = pixels.shape[2]
+    if bgr and channels >= 3:
+        pixels = pixels[..., [2, 1, 0, *range(3, channels)]]
     pixels = pixels.clip(0, 255).round().astype(np.uint8)
-    return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+    if channels in (3, 4):
+        return np.ascontiguousarray(pixels[..., :3])
+    grey = pixels.mean(axis=2, keepdims=True).round().astype(np.uint8)
+    return np.repeat(grey, 3, axis=2)
 
 
 def line_plot(xs, ys, x_label: str, y_label: str, size: tuple[int, int] = (480, 320)) -> np.ndarray:

@@ -25,7 +25,8 @@ config.toml (every key optional; what is missing is inferred from the graph and 
 
     [output]
     logits = "logits"         # graph output holding class scores
-    softmax = true            # false when that output already holds probabilities (TOML booleans only)
+    softmax = true            # false when that output already holds probabilities (TOML booleans only;
+                              # guessed false when a Softmax or Sigmoid node makes it)
     labels = "labels.txt"     # one class name per line
 """
 
@@ -97,6 +98,7 @@ class LoadedModel:
     probes: ProbeCache              # sessions that expose inner tensors, cached by tensor set
     run_batch: int = 16             # samples per onnxruntime run on a dynamic-batch graph
     precision: str = "exact"        # "exact" (float32) or "tf32", for onnxruntime and the torch module
+    no_classes: str = ""            # why the logits output holds no class scores ("" when it does)
     _layer_index: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
     _shape_values: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
@@ -147,6 +149,12 @@ class LoadedModel:
 
     def label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else f"class {index}"
+
+    def require_classes(self, field_name: str = "model") -> None:
+        """FAILED_PRECONDITION for a method that needs class scores on a model whose output holds none (a
+        segmentation map, a feature extractor): the layer methods still serve it."""
+        if self.no_classes:
+            raise FailedPrecondition(f"{field_name}: model {self.name!r} has no class scores: {self.no_classes}")
 
 
 class ConfigError(ModelLoadError):
@@ -287,7 +295,8 @@ def build_config(proto: onnx.ModelProto, raw: dict) -> ModelConfig:
     logits = _string("output.logits", pick(out, "logits", outputs[0], "output.logits"))
     if logits not in outputs:
         raise ConfigError(f"config.toml [output] logits {logits!r} is not a graph output {outputs}")
-    softmax = _flag("output.softmax", pick(out, "softmax", True, "output.softmax"))
+    softmax = _flag("output.softmax", pick(out, "softmax", not _ends_in_probabilities(proto, logits),
+                                           "output.softmax"))
     labels = out.get("labels")
     if labels is not None and (not _string("output.labels", labels) or os.path.isabs(labels)):
         raise _bad("output.labels", "must be a file name inside the model folder", labels)
@@ -296,6 +305,20 @@ def build_config(proto: onnx.ModelProto, raw: dict) -> ModelConfig:
         raise ConfigError(f"config.toml [runtime] precision must be one of {list(PRECISIONS)}, not {_show(precision)}")
     return ModelConfig(input_name, height, width, channels, layout, channel_order, scale, mean, std, resize,
                        crop_fraction, logits, softmax, labels, guessed, precision, datatype)
+
+
+_PROBABILITY_OPS = {"Softmax", "Sigmoid"}
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+
+
+def _ends_in_probabilities(proto: onnx.ModelProto, output: str) -> bool:
+    """Whether ``output`` is made by a Softmax or Sigmoid (through reshapes): it already holds probabilities,
+    and a softmax over it would flatten them (the default of ``[output] softmax`` follows this)."""
+    producers = {name: node for node in proto.graph.node for name in node.output}
+    node = producers.get(output)
+    while node is not None and node.op_type in _PASS_THROUGH and node.input:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type in _PROBABILITY_OPS
 
 
 def _read_labels(folder: Path, config: ModelConfig) -> list[str]:
@@ -344,9 +367,9 @@ def runtime_shapes(name: str, proto: onnx.ModelProto, config: ModelConfig, threa
     return shapes
 
 
-def first_run(model: LoadedModel) -> int:
+def first_run(model: LoadedModel) -> tuple[int, ...]:
     """Run the prediction session once on zero images, as a request would; a model that cannot answer it
-    fails at load instead of at its first request. Returns the number of classes the logits hold."""
+    fails at load instead of at its first request. Returns the shape of one image's logits output."""
     output = model.config.logits_output
     try:
         (logits,) = model.run(zero_input(model.config, model.fixed_batch), [output])
@@ -358,7 +381,19 @@ def first_run(model: LoadedModel) -> int:
                              f"(shape {list(logits.shape)}, type {logits.dtype})")
     if not np.isfinite(logits).all():
         raise ModelLoadError(f"logits output {output!r} is not finite (NaN or inf) on a zero image")
-    return logits.reshape(len(logits), -1).shape[1]
+    return tuple(int(d) for d in logits.shape[1:])
+
+
+def class_count(per_image: tuple[int, ...], output: str, outputs: list[str]) -> tuple[int, str]:
+    """(number of classes, "") when one image's logits are one score per class: (K,), or K with axes of
+    size 1 around it as a 1x1 convolution head leaves them (K, 1, 1) / (1, 1, K); else (0, why not)."""
+    sized = [d for d in per_image if d != 1]
+    if len(sized) <= 1:
+        return int(np.prod(per_image, dtype=np.int64)), ""
+    return 0, (f"its output {output!r} has shape {list(per_image)} per image, not one score per class (a "
+               f"segmentation map or feature output?); config.toml [output] logits names the class-score output "
+               f"(graph outputs: {outputs}). The layer methods (filters, activations, patches, galleries, "
+               f"inversion, DeepDream, style transfer, channel visualisation) work on it")
 
 
 def load_folder(name: str, folder: Path, defaults: SessionSettings = SessionSettings(), batch: int = 0) -> LoadedModel:
@@ -378,9 +413,10 @@ def load_folder(name: str, folder: Path, defaults: SessionSettings = SessionSett
     provider = session.get_providers()[0]
     model = LoadedModel(name, folder, proto, config, labels, [], max(batch_dim, 0), 0, session, provider,
                         ProbeCache(proto, settings), batch or default_batch(provider), settings.precision)
-    measured = first_run(model)
-    logits_shape = types.get(config.logits_output, ("", (), ()))[1]
-    model.num_classes = logits_shape[-1] if logits_shape and logits_shape[-1] > 0 else measured
+    model.num_classes, model.no_classes = class_count(first_run(model), config.logits_output,
+                                                      [v.name for v in proto.graph.output])
+    if model.no_classes:
+        log.warning("model %s has no class scores: %s", name, model.no_classes)
     if labels and len(labels) != model.num_classes:
         raise ConfigError(f"labels file has {len(labels)} names but {config.logits_output!r} has "
                           f"{model.num_classes} classes")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from convscope.v1 import tensor_pb2 as convscope_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onvscope/v1/model.proto\x12\x0c\x63onvscope.v1\x1a\x19\x63onvscope/v1/tensor.proto\"\x13\n\x11ListModelsRequest\"k\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x03\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.convscope.v1.ModelSummary\"5\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\"N\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tdim_names\x18\x04 \x03(\t\"r\n\x0eReceptiveField\x12\x0e\n\x06size_h\x18\x01 \x01(\x03\x12\x0e\n\x06size_w\x18\x02 \x01(\x03\x12\x0e\n\x06jump_h\x18\x03 \x01(\x03\x12\x0e\n\x06jump_w\x18\x04 \x01(\x03\x12\x0f\n\x07start_h\x18\x05 \x01(\x01\x12\x0f\n\x07start_w\x18\x06 \x01(\x01\"\xc8\x01\n\x05Layer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07op_type\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0f\n\x07spatial\x18\x06 \x01(\x08\x12\x35\n\x0freceptive_field\x18\x07 \x01(\x0b\x32\x1c.convscope.v1.ReceptiveField\x12\x14\n\x0cweight_shape\x18\x08 \x03(\x03\x12\x0e\n\x06layout\x18\t \x01(\t\"\xa6\x01\n\rPreprocessing\x12\x0e\n\x06height\x18\x01 \x01(\x03\x12\r\n\x05width\x18\x02 \x01(\x03\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\r\n\x05scale\x18\x06 \x01(\x02\x12\x15\n\rchannel_order\x18\x07 \x01(\t\x12\x0e\n\x06resize\x18\x08 \x01(\t\x12\x15\n\rcrop_fraction\x18\t \x01(\x02\"\xca\x03\n\x15\x44\x65scribeModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.convscope.v1.TensorSpec\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.convscope.v1.TensorSpec\x12\x15\n\rlogits_output\x18\x04 \x01(\t\x12\x32\n\rpreprocessing\x18\x05 \x01(\x0b\x32\x1b.convscope.v1.Preprocessing\x12#\n\x06layers\x18\x06 \x03(\x0b\x32\x13.convscope.v1.Layer\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x03\x12\x12\n\nhas_labels\x18\x08 \x01(\x08\x12\x13\n\x0b\x66ixed_batch\x18\t \x01(\x03\x12\x0f\n\x07guessed\x18\n \x03(\t\x12\x1a\n\x12\x65xecution_provider\x18\x0b \x01(\t\x12\r\n\x05opset\x18\x0c \x01(\x03\x12\x10\n\x08producer\x18\r \x01(\t\x12\x11\n\tprecision\x18\x0e \x01(\t\x12\x11\n\trun_batch\x18\x0f \x01(\x03\x12,\n\x08gradient\x18\x10 \x01(\x0b\x32\x1a.convscope.v1.GradientPath\"j\n\x0cGradientPath\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x18\n\x10probe_difference\x18\x04 \x01(\x01\x12\x11\n\ttolerance\x18\x05 \x01(\x01\"S\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.convscope.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\x05\"N\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\"7\n\x0e\x43lassification\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.convscope.v1.ClassScore\"\\\n\x0fPredictResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.convscope.v1.Classification\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t2\x81\x02\n\x0cModelService\x12O\n\nListModels\x12\x1f.convscope.v1.ListModelsRequest\x1a .convscope.v1.ListModelsResponse\x12X\n\rDescribeModel\x12\".convscope.v1.DescribeModelRequest\x1a#.convscope.v1.DescribeModelResponse\x12\x46\n\x07Predict\x12\x1c.convscope.v1.PredictRequest\x1a\x1d.convscope.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onvscope/v1/model.proto\x12\x0c\x63onvscope.v1\x1a\x19\x63onvscope/v1/tensor.proto\"\x13\n\x11ListModelsRequest\"\x7f\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x03\x12\x12\n\nno_classes\x18\x06 \x01(\t\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.convscope.v1.ModelSummary\"5\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\"N\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tdim_names\x18\x04 \x03(\t\"r\n\x0eReceptiveField\x12\x0e\n\x06size_h\x18\x01 \x01(\x03\x12\x0e\n\x06size_w\x18\x02 \x01(\x03\x12\x0e\n\x06jump_h\x18\x03 \x01(\x03\x12\x0e\n\x06jump_w\x18\x04 \x01(\x03\x12\x0f\n\x07start_h\x18\x05 \x01(\x01\x12\x0f\n\x07start_w\x18\x06 \x01(\x01\"\xc8\x01\n\x05Layer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07op_type\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0f\n\x07spatial\x18\x06 \x01(\x08\x12\x35\n\x0freceptive_field\x18\x07 \x01(\x0b\x32\x1c.convscope.v1.ReceptiveField\x12\x14\n\x0cweight_shape\x18\x08 \x03(\x03\x12\x0e\n\x06layout\x18\t \x01(\t\"\xa6\x01\n\rPreprocessing\x12\x0e\n\x06height\x18\x01 \x01(\x03\x12\r\n\x05width\x18\x02 \x01(\x03\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\r\n\x05scale\x18\x06 \x01(\x02\x12\x15\n\rchannel_order\x18\x07 \x01(\t\x12\x0e\n\x06resize\x18\x08 \x01(\t\x12\x15\n\rcrop_fraction\x18\t \x01(\x02\"\xde\x03\n\x15\x44\x65scribeModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.convscope.v1.TensorSpec\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.convscope.v1.TensorSpec\x12\x15\n\rlogits_output\x18\x04 \x01(\t\x12\x32\n\rpreprocessing\x18\x05 \x01(\x0b\x32\x1b.convscope.v1.Preprocessing\x12#\n\x06layers\x18\x06 \x03(\x0b\x32\x13.convscope.v1.Layer\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x03\x12\x12\n\nhas_labels\x18\x08 \x01(\x08\x12\x13\n\x0b\x66ixed_batch\x18\t \x01(\x03\x12\x0f\n\x07guessed\x18\n \x03(\t\x12\x1a\n\x12\x65xecution_provider\x18\x0b \x01(\t\x12\r\n\x05opset\x18\x0c \x01(\x03\x12\x10\n\x08producer\x18\r \x01(\t\x12\x11\n\tprecision\x18\x0e \x01(\t\x12\x11\n\trun_batch\x18\x0f \x01(\x03\x12,\n\x08gradient\x18\x10 \x01(\x0b\x32\x1a.convscope.v1.GradientPath\x12\x12\n\nno_classes\x18\x11 \x01(\t\"j\n\x0cGradientPath\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x18\n\x10probe_difference\x18\x04 \x01(\x01\x12\x11\n\ttolerance\x18\x05 \x01(\x01\"S\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.convscope.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\x05\"N\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\"7\n\x0e\x43lassification\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.convscope.v1.ClassScore\"\\\n\x0fPredictResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.convscope.v1.Classification\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t2\x81\x02\n\x0cModelService\x12O\n\nListModels\x12\x1f.convscope.v1.ListModelsRequest\x1a .convscope.v1.ListModelsResponse\x12X\n\rDescribeModel\x12\".convscope.v1.DescribeModelRequest\x1a#.convscope.v1.DescribeModelResponse\x12\x46\n\x07Predict\x12\x1c.convscope.v1.PredictRequest\x1a\x1d.convscope.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,31 +35,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST']._serialized_start=69
   _globals['_LISTMODELSREQUEST']._serialized_end=88
   _globals['_MODELSUMMARY']._serialized_start=90
-  _globals['_MODELSUMMARY']._serialized_end=197
-  _globals['_LISTMODELSRESPONSE']._serialized_start=199
-  _globals['_LISTMODELSRESPONSE']._serialized_end=263
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=265
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=318
-  _globals['_TENSORSPEC']._serialized_start=320
-  _globals['_TENSORSPEC']._serialized_end=398
-  _globals['_RECEPTIVEFIELD']._serialized_start=400
-  _globals['_RECEPTIVEFIELD']._serialized_end=514
-  _globals['_LAYER']._serialized_start=517
-  _globals['_LAYER']._serialized_end=717
-  _globals['_PREPROCESSING']._serialized_start=720
-  _globals['_PREPROCESSING']._serialized_end=886
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=889
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1347
-  _globals['_GRADIENTPATH']._serialized_start=1349
-  _globals['_GRADIENTPATH']._serialized_end=1455
-  _globals['_PREDICTREQUEST']._serialized_start=1457
-  _globals['_PREDICTREQUEST']._serialized_end=1540
-  _globals['_CLASSSCORE']._serialized_start=1542
-  _globals['_CLASSSCORE']._serialized_end=1620
-  _globals['_CLASSIFICATION']._serialized_start=1622
-  _globals['_CLASSIFICATION']._serialized_end=1677
-  _globals['_PREDICTRESPONSE']._serialized_start=1679
-  _globals['_PREDICTRESPONSE']._serialized_end=1771
-  _globals['_MODELSERVICE']._serialized_start=1774
-  _globals['_MODELSERVICE']._serialized_end=2031
+  _globals['_MODELSUMMARY']._serialized_end=217
+  _globals['_LISTMODELSRESPONSE']._serialized_start=219
+  _globals['_LISTMODELSRESPONSE']._serialized_end=283
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=285
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=338
+  _globals['_TENSORSPEC']._serialized_start=340
+  _globals['_TENSORSPEC']._serialized_end=418
+  _globals['_RECEPTIVEFIELD']._serialized_start=420
+  _globals['_RECEPTIVEFIELD']._serialized_end=534
+  _globals['_LAYER']._serialized_start=537
+  _globals['_LAYER']._serialized_end=737
+  _globals['_PREPROCESSING']._serialized_start=740
+  _globals['_PREPROCESSING']._serialized_end=906
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=909
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1387
+  _globals['_GRADIENTPATH']._serialized_start=1389
+  _globals['_GRADIENTPATH']._serialized_end=1495
+  _globals['_PREDICTREQUEST']._serialized_start=1497
+  _globals['_PREDICTREQUEST']._serialized_end=1580
+  _globals['_CLASSSCORE']._serialized_start=1582
+  _globals['_CLASSSCORE']._serialized_end=1660
+  _globals['_CLASSIFICATION']._serialized_start=1662
+  _globals['_CLASSIFICATION']._serialized_end=1717
+  _globals['_PREDICTRESPONSE']._serialized_start=1719
+  _globals['_PREDICTRESPONSE']._serialized_end=1811
+  _globals['_MODELSERVICE']._serialized_start=1814
+  _globals['_MODELSERVICE']._serialized_end=2071
 # @@protoc_insertion_point(module_scope)

@@ -12,18 +12,20 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "ready", "error", "execution_provider", "num_classes")
+    __slots__ = ("name", "ready", "error", "execution_provider", "num_classes", "no_classes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    NO_CLASSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     ready: bool
     error: str
     execution_provider: str
     num_classes: int
-    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., error: _Optional[str] = ..., execution_provider: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
+    no_classes: str
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., error: _Optional[str] = ..., execution_provider: _Optional[str] = ..., num_classes: _Optional[int] = ..., no_classes: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -112,7 +114,7 @@ class Preprocessing(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., layout: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ..., channel_order: _Optional[str] = ..., resize: _Optional[str] = ..., crop_fraction: _Optional[float] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("name", "inputs", "outputs", "logits_output", "preprocessing", "layers", "num_classes", "has_labels", "fixed_batch", "guessed", "execution_provider", "opset", "producer", "precision", "run_batch", "gradient")
+    __slots__ = ("name", "inputs", "outputs", "logits_output", "preprocessing", "layers", "num_classes", "has_labels", "fixed_batch", "guessed", "execution_provider", "opset", "producer", "precision", "run_batch", "gradient", "no_classes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +131,7 @@ class DescribeModelResponse(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     RUN_BATCH_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    NO_CLASSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -145,7 +148,8 @@ class DescribeModelResponse(_message.Message):
     precision: str
     run_batch: int
     gradient: GradientPath
-    def __init__(self, name: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., logits_output: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., fixed_batch: _Optional[int] = ..., guessed: _Optional[_Iterable[str]] = ..., execution_provider: _Optional[str] = ..., opset: _Optional[int] = ..., producer: _Optional[str] = ..., precision: _Optional[str] = ..., run_batch: _Optional[int] = ..., gradient: _Optional[_Union[GradientPath, _Mapping]] = ...) -> None: ...
+    no_classes: str
+    def __init__(self, name: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., logits_output: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., fixed_batch: _Optional[int] = ..., guessed: _Optional[_Iterable[str]] = ..., execution_provider: _Optional[str] = ..., opset: _Optional[int] = ..., producer: _Optional[str] = ..., precision: _Optional[str] = ..., run_batch: _Optional[int] = ..., gradient: _Optional[_Union[GradientPath, _Mapping]] = ..., no_classes: _Optional[str] = ...) -> None: ...
 
 class GradientPath(_message.Message):
     __slots__ = ("state", "reason", "device", "probe_difference", "tolerance")

@@ -67,6 +67,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         spec = first_spec(requests, "RunAudit")
         check_name(spec.name, "spec.name")
         model = require_model(self.repository, spec.model, "spec.model")
+        model.require_classes("spec.model")   # accuracy, calibration, attributions and attacks are per class
         budget = budget_of(spec)
         label_map = {label: list(classes.classes) for label, classes in spec.label_map.items()}
         for label, classes in label_map.items():

@@ -103,6 +103,7 @@ def tensor_bytes(layer, images: int = 1) -> int:
 
 
 def resolve_target(model, backend, request, sample) -> int:
+    model.require_classes("target")
     if request.HasField("target"):
         if not 0 <= request.target < model.num_classes:
             raise InvalidArgument("target", f"{request.target} is outside the model's classes "

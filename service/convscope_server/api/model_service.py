@@ -73,7 +73,7 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             summaries.append(model_pb2.ModelSummary(
                 name=name, ready=model is not None, error=error,
                 execution_provider=model.execution_provider if model else "",
-                num_classes=model.num_classes if model else 0))
+                num_classes=model.num_classes if model else 0, no_classes=model.no_classes if model else ""))
         return model_pb2.ListModelsResponse(models=summaries)
 
     def DescribeModel(self, request, context):
@@ -97,11 +97,13 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             has_labels=bool(model.labels), fixed_batch=model.fixed_batch, guessed=config.guessed,
             execution_provider=model.execution_provider, opset=opset,
             producer=f"{model.proto.producer_name} {model.proto.producer_version}".strip(),
-            precision=model.precision, run_batch=model.run_batch, gradient=_gradient_path(self.bridges, model))
+            precision=model.precision, run_batch=model.run_batch, gradient=_gradient_path(self.bridges, model),
+            no_classes=model.no_classes)
 
     def Predict(self, request, context):
         model = require_model(self.repository, request.model)
-        top_k = request.top_k or 5
+        model.require_classes()
+        top_k = request.top_k or min(5, model.num_classes)   # unset: 5, or every class of a smaller model
         if top_k < 0:
             raise InvalidArgument("top_k", f"must be positive, got {top_k}")
         if model.num_classes and top_k > model.num_classes:

@@ -128,6 +128,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         else:
             if not request.HasField("target"):
                 raise InvalidArgument("target", "required: a class to visualise (or name a layer)")
+            model.require_classes("target")
             if not 0 <= request.target < model.num_classes:
                 raise InvalidArgument("target", f"{request.target} is outside the model's classes "
                                       f"0..{model.num_classes - 1}")
@@ -265,6 +266,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
             raise InvalidArgument("method", f"unknown method {request.method}")
         epsilon = finite(request.epsilon, "epsilon", 0.0, 1.0, default=16 / 255 if targeted else 2 / 255,
                          open_low=True)
+        model.require_classes("target" if targeted else "label")
         field, cls = ("target", request.target) if targeted else ("label", request.label if request.HasField(
             "label") else int(np.argmax(before)))
         if not 0 <= cls < model.num_classes:
@@ -315,6 +317,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
                     or list(DEFAULT_EPSILONS))
         if len(epsilons) > 64:
             raise InvalidArgument("epsilons", f"{len(epsilons)} values; give at most 64")
+        model.require_classes("labels")
         batch = model_inputs(model, request.images, self.limits)
         if request.labels and len(request.labels) != len(batch):
             raise InvalidArgument("labels", f"{len(request.labels)} labels for {len(batch)} images")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from convscope_server import render
 from convscope_server.gradient.bridge import TorchModel
 
 
@@ -63,10 +64,7 @@ class InputSpace:
         """(1, C, H, W) input -> uint8 HxWx3 RGB for showing."""
         chw = TorchModel.as_numpy(x)[0]
         hwc = (chw.transpose(1, 2, 0) * self.std + self.mean) * (255.0 / self.scale)
-        if self.bgr:
-            hwc = hwc[..., ::-1]
-        hwc = hwc.clip(0, 255).round().astype(np.uint8)
-        return np.repeat(hwc, 3, axis=2) if hwc.shape[2] == 1 else hwc
+        return render.shown_pixels(hwc, self.bgr)
 
     def random(self, height: int, width: int, seed: int, spread: float = 0.1):
         """A random image near mid-grey, (1, C, H, W), drawn on the CPU (a seed gives the same image on every
