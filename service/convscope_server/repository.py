@@ -417,7 +417,8 @@ def load_folder(name: str, folder: Path, defaults: SessionSettings = SessionSett
                                                       [v.name for v in proto.graph.output])
     if model.no_classes:
         log.warning("model %s has no class scores: %s", name, model.no_classes)
-    if labels and len(labels) != model.num_classes:
+    # a model with no class scores may still carry a labels file (a segmentation map's channel names)
+    if labels and not model.no_classes and len(labels) != model.num_classes:
         raise ConfigError(f"labels file has {len(labels)} names but {config.logits_output!r} has "
                           f"{model.num_classes} classes")
     model.layers = describe_graph(proto, config.input_name, config.layout,
