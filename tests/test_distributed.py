@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -81,95 +82,93 @@ def process_limits() -> str:
     threads = next((line.split()[1] for line in status.splitlines() if line.startswith("Threads:")), "?")
     files = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").exists() else "?"
     limits = {name: resource.getrlimit(getattr(resource, f"RLIMIT_{name}"))[0] for name in ("NPROC", "NOFILE", "AS")}
-    return f"this process: {threads} threads, {files} open files; limits {limits}"
+    return f"the test process: {threads} threads, {files} open files; limits {limits}"
 
 
-def why_the_node_did_not_start(error: BaseException) -> str:
-    """What the raylet did when ``ray.init`` timed out: its exit status (and, run again, its first output) or,
-    when it is still running, where it waits. Ray sends the raylet's own output to /dev/null until it opens
-    its log files, so a raylet that dies early leaves nothing behind but this."""
-    node, trace = None, error.__traceback__
-    while trace is not None:
-        candidate = trace.tb_frame.f_locals.get("self")
-        if hasattr(candidate, "all_processes") and hasattr(candidate, "kill_all_processes"):
-            node = candidate
-        trace = trace.tb_next
-    facts = [f"{type(error).__name__}: {error}", process_limits()]
-    if node is None:
-        return "; ".join(facts)
-    for kind, infos in node.all_processes.items():
-        for info in infos:
-            code = info.process.poll()
-            facts.append(f"{kind} pid {info.process.pid}: " + ("running" if code is None else f"exited with {code}"))
-            if kind == "raylet" and code is None:
-                state = Path(f"/proc/{info.process.pid}/wchan")
-                facts.append(f"raylet waits in {state.read_text() if state.exists() else '?'}")
-            elif kind == "raylet":
-                try:
-                    again = subprocess.run(info.process.args, capture_output=True, text=True, timeout=15)
-                    output = again.stdout + again.stderr
-                except subprocess.TimeoutExpired as timed_out:
-                    output = "(ran 15 s) " + (timed_out.stdout or b"").decode(errors="replace") + \
-                        (timed_out.stderr or b"").decode(errors="replace")
-                facts.append(f"raylet run again printed: {output.strip()[-1500:]!r}")
-    logs = Path(node.get_logs_dir_path()) if hasattr(node, "get_logs_dir_path") else None
-    if logs is not None and logs.is_dir():
-        facts.append(f"logs: {sorted(entry.name for entry in logs.iterdir())}")
-    node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
-    return "; ".join(facts)
+def start_head(temp: str) -> tuple[subprocess.Popen | None, str, str]:
+    """A Ray head (2 CPUs, node on the loopback, 256 MiB object store) started by ``ray start --block`` in its
+    own process group: (the process, its address, "") once it accepts drivers, or (None, "", why not) after
+    stopping what it started.
+
+    Not ``ray.init()`` here: that forks the GCS and the raylet from this process, whose other threads (the
+    in-process servers of earlier tests, onnxruntime, torch) may hold a lock at the fork; Ray's preexec_fn
+    then runs Python in the child and can hang there before exec (seen once in CI: a raylet that never
+    wrote a log line). ``ray start`` forks them from a fresh single-threaded process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = Path(temp) / "ray-start.log"
+    with open(log_path, "wb") as log:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+             "--num-cpus=2", "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+             f"--object-store-memory={256 << 20}", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and head.poll() is None:
+        if "Ray runtime started" in log_path.read_text(errors="replace"):
+            return head, f"127.0.0.1:{port}", ""
+        time.sleep(0.25)
+    code = head.poll()
+    stop_head(head)
+    text = log_path.read_text(errors="replace").strip()
+    state = f"exited with {code}" if code is not None else "still starting after 120 s"
+    return None, "", f"`ray start --head` {state}; it printed: {text[-1500:]!r}; {process_limits()}"
 
 
-def start_local_ray(ray, temp: str) -> str | None:
-    """``ray.init`` for this module's cluster; None when it started, else why not (with what it started
-    stopped again)."""
+def stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM (Ray drains and stops the node's processes), then SIGKILL to the group if it lingers."""
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 object_store_memory=256 << 20, _temp_dir=temp)
-        return None
-    except Exception as error:   # noqa: BLE001 - Ray raises a bare Exception when its node times out
-        reason = why_the_node_did_not_start(error)
-        ray.shutdown()
-        return reason
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=40)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    head.wait()
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster for this module: 2 CPUs, loopback node address, a throw-away auth token, its
-    session files in a short temporary folder under /tmp (Unix socket paths are at most 107 bytes); shut
-    down at the end with no process of it left.
+    session files in a short temporary folder under /tmp (Unix socket paths are at most 107 bytes); this
+    process joins it as the driver. Stopped at the end with no process of it left.
 
-    A node that does not come up is started once more. Where it fails twice the module is skipped with the
-    raylet's exit status and output in the reason (CONVSCOPE_REQUIRE_RAY=1 makes that a failure): a Ray
-    that cannot start a node on this machine is an environment's limit, like a missing GPU, and the reason
+    A head that does not come up is started once more. Where it fails twice the module is skipped with
+    what ``ray start`` printed in the reason (CONVSCOPE_REQUIRE_RAY=1 makes that a failure): a Ray that
+    cannot start a node on this machine is an environment's limit, like a missing GPU, and the reason
     says which."""
-    temps = []
+    temps, reasons, head = [], [], None
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # node address 127.0.0.1
         env.setenv("RAY_AUTH_MODE", "token")
         env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
         import ray
 
-        reasons = []
         for _attempt in range(2):
             temps.append(tempfile.mkdtemp(prefix="cs-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
-            reason = start_local_ray(ray, temps[-1])
-            if reason is None:
+            head, address, reason = start_head(temps[-1])
+            if head is not None:
                 break
             reasons.append(reason)
-            print(f"\nthe local Ray node did not start: {reason}", file=sys.stderr)
-        else:
+            print(f"\nthe local Ray head did not start: {reason}", file=sys.stderr)
+        if head is None:
             for temp in temps:
                 shutil.rmtree(temp, ignore_errors=True)
-            message = "a local Ray node did not start, twice: " + " | second try: ".join(reasons)
+            message = "a local Ray head did not start, twice: " + " | second try: ".join(reasons)
             if os.environ.get("CONVSCOPE_REQUIRE_RAY") == "1":
                 pytest.fail(message)
             pytest.skip(message)
         try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
             assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
             yield ray
         finally:
             started = ray_processes()   # GCS, raylet, workers: they outlive their parents only as zombies
             ray.shutdown()
+            stop_head(head)
             deadline = time.monotonic() + 20
             while [p for p in started if running(p)] and time.monotonic() < deadline:
                 time.sleep(0.2)

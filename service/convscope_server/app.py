@@ -159,6 +159,11 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
         repository = ModelRepository(config.repository, SessionSettings(config.device, config.ort_threads,
                                                                         config.precision), config.ort_batch)
         repository.load_all()
+    if cluster is not None:
+        # before any thread of ours starts (gradient warm-up, gRPC pools): a local cluster forks Ray's GCS and
+        # raylet from this process, and Python code run between fork and exec can hang on a lock another
+        # thread held at the fork
+        cluster.connect()
     gate = streaming.JobGate(running_jobs, queued_jobs, config.queue_seconds)
     light_pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="convscope-light")
     interceptors = [ErrorInterceptor(light_pool, LIGHT_METHODS, lambda: streaming.use_gate(gate))]
@@ -181,8 +186,6 @@ def create_server(config: ServerConfig, repository: ModelRepository | None = Non
     synthesis_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisService(repository, bridges, config), server)
     galleries = GalleryStore(config.gallery_root)
     galleries.load_all()
-    if cluster is not None:
-        cluster.connect()
     datasets = DatasetService(repository, DataRoot(config.data_root), galleries, config, cluster)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(
