@@ -6,7 +6,7 @@ import numpy as np
 
 from convscope.v1 import model_pb2, model_pb2_grpc
 from convscope_server.errors import InvalidArgument, ResourceExhausted
-from convscope_server.forward.backend import softmax
+from convscope_server.scores import class_probabilities
 from convscope_server.gradient.bridge import PROBE_TOLERANCE
 from convscope_server.images import to_model_input
 from convscope_server.memory import Budget, release
@@ -115,7 +115,7 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         finally:
             release(budget.total)
         scores = scores.reshape(len(batch), -1).astype(np.float32)
-        probabilities = softmax(scores) if model.config.softmax else scores
+        probabilities = class_probabilities(scores, model.config.softmax)   # convscope_server.scores: the one rule
         if not (np.isfinite(scores).all() and np.isfinite(probabilities).all()):
             raise InvalidArgument("images", "the model's scores are not finite (NaN or infinity) for these inputs")
         results = []

@@ -13,13 +13,14 @@ from convscope_server.api.common import (stream_within, finite, neuron_position,
                                          spatial_layer)
 from convscope_server.api.model_service import model_inputs, require_model
 from convscope_server.errors import InvalidArgument, ResourceExhausted
-from convscope_server.forward.backend import OrtBackend, softmax
+from convscope_server.forward.backend import OrtBackend
 from convscope_server.gradient import adversarial
 from convscope_server.gradient.bridge import CONVERTING
 from convscope_server.gradient.synthesis import deepdream, inversion, optimize, style
 from convscope_server.gradient.synthesis.common import InputSpace, Objective
 from convscope_server.images import to_model_input
 from convscope_server.memory import Budget
+from convscope_server.scores import class_probabilities
 from convscope_server.tensors import to_tensor
 
 DEFAULT_EPSILONS = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
@@ -276,20 +277,22 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         stop = finite(request.stop_probability, "stop_probability", 0.0, 1.0, default=0.9, open_low=True)
 
         def scores(logits):
-            probabilities = softmax(logits)
+            probabilities = class_probabilities(logits[None], model.config.softmax)[0]
             return [model_pb2.ClassScore(index=int(i), label=model.label(int(i)), probability=float(probabilities[i]),
                                          logit=float(logits[i])) for i in np.argsort(-probabilities)[:5]]
 
         def work(reporter, should_stop):
             if targeted:
                 done = adversarial.targeted(torch_model, space, x, int(cls), step_size, epsilon, steps, stop,
-                                            reporter(steps, f"towards {model.label(int(cls))}"), should_stop)
+                                            reporter(steps, f"towards {model.label(int(cls))}"), should_stop,
+                                            softmax=model.config.softmax)
                 if done is None:
                     return None
                 result_x, history = done
             else:
                 label = torch.tensor([int(cls)], device=torch_model.device)
-                result_x, history = adversarial.fgsm(torch_model, space, x, label, epsilon), []
+                result_x, history = adversarial.fgsm(torch_model, space, x, label, epsilon,
+                                                     softmax=model.config.softmax), []
             adversarial_sample = space.to_sample(result_x)
             after = backend.logits(adversarial_sample[None])[0]  # what the served onnxruntime model says
             result = synthesis_pb2.SynthesisResult(images=[self._image(space, result_x, history)],
@@ -336,7 +339,7 @@ class SynthesisService(synthesis_pb2_grpc.SynthesisServiceServicer):
         def work(progress, should_stop):
             with torch_model.scope():
                 return adversarial.robustness_curve(torch_model, space, xs, ys, epsilons, chunk, progress,
-                                                    should_stop)
+                                                    should_stop, softmax=model.config.softmax)
 
         for kind, value in stream_within(context, work, started, self.limits):
             if kind == "progress":

@@ -253,7 +253,8 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
                               "gradcam_layer": cam_layer.name if cam_layer else "",
                               "methods": faithfulness(OrtBackend(model).logits, chosen, targets, maps,
                                                       np.zeros_like(chosen[0]), spatial_axes, budget.curve_steps,
-                                                      model.run_batch, should_stop) if len(chosen) else {}}
+                                                      model.run_batch, should_stop, model.config.softmax)
+                              if len(chosen) else {}}
     if report["faithfulness"]["methods"] is None:
         return None
     for method, numbers in report["faithfulness"]["methods"].items():  # what `audits diff` compares per image
@@ -519,6 +520,7 @@ def _code_map(result, mapping, points: int, should_stop, progress) -> dict:
     """t-SNE of the penultimate codes (up to ``points`` images, a seeded random subset beyond), each point
     with its id, label, predicted class and whether that is right (None where the label maps to nothing)."""
     from convscope_server.forward.embedding import Stopped, tsne
+    from convscope_server.scores import predicted_classes
 
     codes = result.codes
     if codes is None or len(codes) < 10 or points <= 0:
@@ -533,12 +535,13 @@ def _code_map(result, mapping, points: int, should_stop, progress) -> dict:
     except Stopped:
         return {"points": [], "reason": "stopped"}
     predicted = result.logits[rows].argmax(axis=1).tolist()
+    decided = predicted_classes(result.logits[rows], result.softmax).tolist()  # a single output: p > 0.5
     out = []
-    for (x, y), row, guess in zip(coordinates.tolist(), rows.tolist(), predicted):
+    for (x, y), row, guess, decision in zip(coordinates.tolist(), rows.tolist(), predicted, decided):
         label = result.labels[row]
         accepted = mapping.get(label)
         out.append({"id": result.ids[row], "label": label, "predicted": guess, "x": x, "y": y,
-                    "correct": None if not accepted else guess in accepted})
+                    "correct": None if not accepted else decision in accepted})
     return {"method": "t-SNE", "perplexity": perplexity, "kl_divergence": float(kl), "points": out}
 
 
@@ -570,14 +573,16 @@ def _fgsm(model, torch_model, samples, labels, epsilons, should_stop, progress=l
 
     from convscope_server.gradient import adversarial
     from convscope_server.gradient.synthesis.common import InputSpace
+    from convscope_server.scores import predicted_classes_torch
 
     space = InputSpace.of(model.config, torch_model.device)
+    softmax = model.config.softmax
     with torch_model.scope():
         xs = torch.cat([space.from_sample(sample) for sample in samples])
         ys = torch.from_numpy(np.asarray(labels, np.int64)).to(torch_model.device)
         accuracy = adversarial.robustness_curve(
             torch_model, space, xs, ys, list(epsilons), model.fixed_batch or 8, should_stop=should_stop,
-            progress=lambda done, total, what: progress(done * len(epsilons) // max(1, total)))
+            progress=lambda done, total, what: progress(done * len(epsilons) // max(1, total)), softmax=softmax)
         iterative = []
         chunk = model.fixed_batch or 8
         for epsilon in epsilons:  # the basic iterative method, 10 steps, on the same images
@@ -586,9 +591,11 @@ def _fgsm(model, torch_model, samples, labels, epsilons, should_stop, progress=l
             correct = 0
             for begin in range(0, len(xs), chunk):
                 x, y = xs[begin: begin + chunk], ys[begin: begin + chunk]
-                attacked = adversarial.iterative(torch_model, space, x, y, epsilon) if epsilon > 0 else x
+                attacked = (adversarial.iterative(torch_model, space, x, y, epsilon, softmax=softmax)
+                            if epsilon > 0 else x)
                 with torch.no_grad():
-                    correct += int((torch_model.logits(space.model_input(attacked)).argmax(1) == y).sum())
+                    logits = torch_model.logits(space.model_input(attacked))
+                    correct += int((predicted_classes_torch(logits, softmax) == y).sum())
             iterative.append(correct / len(xs))
             progress(len(epsilons) + len(iterative))
     return {"epsilons": list(epsilons), "accuracy": [] if accuracy is None else accuracy.tolist(),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from convscope_server.audit.metrics import perturbation_curve
-from convscope_server.forward.backend import softmax
+from convscope_server.scores import class_probabilities
 
 RANDOM = "random"
 
@@ -29,10 +29,11 @@ def random_maps(count: int, height: int, width: int, seed: int = 0) -> list[np.n
 
 def faithfulness(logits, samples: np.ndarray, targets: list[int], maps: dict[str, list[np.ndarray]],
                  baseline: np.ndarray, spatial_axes: tuple[int, int], steps: int = 16, batch_size: int = 16,
-                 should_stop=None) -> dict | None:
+                 should_stop=None, softmax: bool = True) -> dict | None:
     """{method: {"deletion_auc", "insertion_auc" (means over the sample), "per_image": [...], "faithful"}}
     for each method of ``maps`` (one (H, W) map per sample) plus "random" when absent. ``logits(batch)``
-    runs the model; the score is the target's softmax probability. None when stopped."""
+    runs the model; the score is the target's probability (``scores.class_probabilities`` with the model's
+    ``[output] softmax``). None when stopped."""
     height, width = samples.shape[1 + spatial_axes[0]], samples.shape[1 + spatial_axes[1]]
     maps = dict(maps)
     maps.setdefault(RANDOM, random_maps(len(samples), height, width))
@@ -44,7 +45,8 @@ def faithfulness(logits, samples: np.ndarray, targets: list[int], maps: dict[str
                 return None
 
             def score(batch, target=target):
-                return softmax(np.asarray(logits(batch), np.float64).reshape(len(batch), -1))[:, target]
+                return class_probabilities(np.asarray(logits(batch), np.float64).reshape(len(batch), -1),
+                                           softmax)[:, target]
 
             deletion = perturbation_curve(score, sample, baseline, attribution_map, spatial_axes, steps, False,
                                           batch_size)

@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter
 
 from convscope_server.images import normalize_pixels
 from convscope_server.render import display_image
+from convscope_server.scores import predicted_classes
 
 CORRUPTIONS = {
     "gaussian_noise": (0.04, 0.08, 0.16),
@@ -67,11 +68,12 @@ def corruption_accuracy(logits, samples: np.ndarray, accepted: list[tuple[int, .
                         corruptions: dict | None = None, seed: int = 0, should_stop=None, progress=None) -> dict | None:
     """{kind: [{"strength": s, "accuracy": a}, ...]} of the model (``logits(batch)``) on ``samples`` whose
     right answers are ``accepted`` (a tuple of class indices per sample), with "clean" the uncorrupted
-    accuracy. Noise and occlusion places are seeded per (kind, strength, image). None when stopped."""
+    accuracy. Noise and occlusion places are seeded per (kind, strength, image); the prediction is
+    ``scores.predicted_classes`` (for a single output, class 0 when p > 0.5). None when stopped."""
     corruptions = CORRUPTIONS if corruptions is None else corruptions
 
     def accuracy(batch: np.ndarray) -> float:
-        predicted = np.asarray(logits(batch)).reshape(len(batch), -1).argmax(axis=1)
+        predicted = predicted_classes(np.asarray(logits(batch)).reshape(len(batch), -1), config.softmax)
         return float(np.mean([p in a for p, a in zip(predicted.tolist(), accepted)]))
 
     report: dict = {"clean": accuracy(samples)}

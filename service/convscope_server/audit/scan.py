@@ -22,7 +22,8 @@ import numpy as np
 from convscope_server.datasets import Item, ItemFailure, batches
 from convscope_server.audit.metrics import UnitStatistics
 from convscope_server.forward import activations as acts
-from convscope_server.forward.backend import OrtBackend, softmax
+from convscope_server.forward.backend import OrtBackend
+from convscope_server.scores import class_probabilities
 
 
 def _key(text: str) -> str:
@@ -70,10 +71,11 @@ class ScanResult:
     indices: list[int] = field(default_factory=list)  # scan index of each row (rows skip unreadable items)
     sources: dict = field(default_factory=dict)  # scan index -> loader of a dataset folder's file (a path, not
                                                  # pixels), so any image can be shown after the pass
+    softmax: bool = True                         # the model's [output] softmax (see convscope_server.scores)
 
     @property
     def probabilities(self) -> np.ndarray:
-        return softmax(self.logits.astype(np.float64))
+        return class_probabilities(self.logits.astype(np.float64), self.softmax)
 
     def absorb(self, plan: ScanPlan, indices: list[int], ids: list[str], labels: list[str], rows: dict,
                loaders: list, k: int = 6, accepted=None, worst: int = 0) -> None:
@@ -98,7 +100,7 @@ class ScanResult:
                     total, count = sums.get(label, (np.zeros(len(track[name])), 0))
                     sums[label] = (total + rows[f"{name}|channel_mean"][row], count + 1)
         if accepted is not None and worst > 0:
-            probabilities = softmax(rows["logits"].astype(np.float64))
+            probabilities = class_probabilities(rows["logits"].astype(np.float64), plan.softmax)
             found = list(self.worst)
             for row, label in enumerate(labels):
                 classes = accepted(label) if label else None
@@ -127,6 +129,7 @@ class ScanPlan:
     layers: tuple[tuple[str, str, int], ...]     # (tensor, layout, channel axis) of each unit layer
     ceilings: tuple[tuple[str, float], ...] = ()  # (tensor, saturation value)
     track: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (tensor, channels with top images and label means)
+    softmax: bool = True                          # the model's [output] softmax (see convscope_server.scores)
 
     @property
     def outputs(self) -> list[str]:
@@ -162,7 +165,8 @@ def plan_for(model, code_layer: str | None, unit_layers: list, ceiling: dict | N
                     tuple((layer.name, layer.layout, acts.channel_axis(layer.shape, layer.layout, layer.op_type))
                           for layer in unit_layers),
                     tuple((ceiling or {}).items()),
-                    tuple((name, tuple(int(c) for c in channels)) for name, channels in (track or {}).items()))
+                    tuple((name, tuple(int(c) for c in channels)) for name, channels in (track or {}).items()),
+                    bool(model.config.softmax))
 
 
 def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list, batch_size: int,
@@ -185,7 +189,7 @@ def scan(model, items: Iterator[Item], code_layer: str | None, unit_layers: list
     a dataset folder's items elsewhere (a Ray cluster) and calls ``deliver(indices, rows)`` in scan-index
     order; the result is the one this server's pass gives."""
     plan = plan_for(model, code_layer, unit_layers, ceiling, track)
-    result = ScanResult()
+    result = ScanResult(softmax=plan.softmax)
     options = {"k": k, "accepted": accepted, "worst": worst}
     if remote is not None:
         listed = list(items)

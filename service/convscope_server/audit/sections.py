@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from convscope_server.audit import metrics
+from convscope_server.scores import decided_from_probabilities
 
 
 def classes(result, mapping: dict[str, tuple[int, ...]], unmapped: list[str], class_name, top_k: int = 5,
@@ -15,10 +16,14 @@ def classes(result, mapping: dict[str, tuple[int, ...]], unmapped: list[str], cl
     """Accuracy, top-k accuracy, the most frequent confusions, calibration (ECE and the reliability
     diagram's bins) and the worst-classified images, over the images whose label maps to classes
     (``mapping``: label -> accepted class indices; any of them counts as right). Without mapped labels:
-    the distribution of predicted classes only."""
+    the distribution of predicted classes only. Predictions and confidences follow ``scores``: a model
+    with a single output predicts class 0 when p > 0.5 (else no class) with confidence max(p, 1 - p)."""
     probabilities = result.probabilities
-    predicted = probabilities.argmax(axis=1) if len(probabilities) else np.zeros(0, np.int64)
-    counts = np.bincount(predicted, minlength=probabilities.shape[1] if probabilities.ndim == 2 else 0)
+    single = probabilities.ndim == 2 and probabilities.shape[1] == 1
+    predicted, confidence = (decided_from_probabilities(probabilities) if len(probabilities)
+                             else (np.zeros(0, np.int64), np.zeros(0)))
+    counts = np.bincount(predicted[predicted >= 0],  # a single output's "no class" is not counted
+                         minlength=probabilities.shape[1] if probabilities.ndim == 2 else 0)
     distribution = [{"class": int(c), "name": class_name(int(c)), "images": int(counts[c])}
                     for c in np.argsort(-counts, kind="stable") if counts[c]]
     section = {"images": len(result.ids), "predicted": distribution, "unmapped_labels": sorted(unmapped)}
@@ -29,12 +34,13 @@ def classes(result, mapping: dict[str, tuple[int, ...]], unmapped: list[str], cl
     accepted = [mapping[result.labels[i]] for i in rows]
     p = probabilities[rows]
     ranked = np.argsort(-p, axis=1, kind="stable")
-    correct = np.array([ranked[r, 0] in accepted[r] for r in range(len(rows))])
-    in_top = np.array([bool(set(ranked[r, :top_k].tolist()) & set(accepted[r])) for r in range(len(rows))])
+    correct = np.array([predicted[rows[r]] in accepted[r] for r in range(len(rows))])
+    in_top = correct.copy() if single else np.array([bool(set(ranked[r, :top_k].tolist()) & set(accepted[r]))
+                                                      for r in range(len(rows))])
     truth = np.array([a[0] for a in accepted])
     wrong = [r for r in range(len(rows)) if not correct[r]]
-    confused = metrics.confusions(ranked[wrong, 0], truth[wrong], confusions) if wrong else []
-    calibration = metrics.calibration_of(p.max(axis=1), correct, bins)
+    confused = metrics.confusions(ranked[wrong, 0], truth[wrong], confusions) if wrong and not single else []
+    calibration = metrics.calibration_of(confidence[rows], correct, bins)
     true_probability = np.array([p[r, list(accepted[r])].sum() for r in range(len(rows))])
     worst_rows = np.argsort(true_probability, kind="stable")[:worst]
     section.update({

@@ -1,8 +1,9 @@
 """Occlusion sensitivity (Zeiler & Fergus 2014, "Visualizing and Understanding Convolutional Networks").
 
 A window of ``baseline`` values slides over the model input (all channels at once); at each position the
-target class's probability and logit are recorded. The per-pixel attribution is the mean, over the
-windows covering a pixel, of the drop in the chosen score, which is what Captum's ``Occlusion`` computes
+target class's probability (``scores.class_probabilities``: softmax, a sigmoid for a single output, or the
+output as it is when it holds probabilities) and logit are recorded. The per-pixel attribution is the mean,
+over the windows covering a pixel, of the drop in the chosen score, which is what Captum's ``Occlusion`` computes
 for the same window, stride and baseline (positions ``0, s, 2s, ...`` up to ``ceil((L - w) / s) * s``, the
 last window clipped at the border). Perturbed inputs go to onnxruntime in batches.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convscope_server.forward.backend import softmax
+from convscope_server.scores import class_probabilities
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -52,9 +53,13 @@ class OcclusionMaps:
 
 def occlusion(backend, sample: np.ndarray, target: int, window: tuple[int, int], stride: tuple[int, int],
               baseline: np.ndarray, spatial_axes: tuple[int, int], score: str = "probability",
-              chunk: int = 16, progress=None, should_stop=None) -> OcclusionMaps | None:
+              chunk: int = 16, progress=None, should_stop=None, softmax: bool | None = None) -> OcclusionMaps | None:
     """Occlusion maps for one model-input ``sample`` (no batch axis). ``baseline`` has the sample's shape.
-    Returns None when ``should_stop()`` turned true between batches."""
+    ``softmax`` is the model's ``[output] softmax`` (None: the backend's model's). Returns None when
+    ``should_stop()`` turned true between batches."""
+    if softmax is None:
+        config = getattr(getattr(backend, "model", None), "config", None)
+        softmax = True if config is None else bool(config.softmax)
     h_axis, w_axis = spatial_axes
     height, width = sample.shape[h_axis], sample.shape[w_axis]
     rows = window_starts(height, window[0], stride[0])
@@ -79,7 +84,7 @@ def occlusion(backend, sample: np.ndarray, target: int, window: tuple[int, int],
             batch[tuple(index)] = baseline[tuple(index[1:])]
         scores = backend.logits(batch)
         logits[begin: begin + len(batch)] = scores[:, target]
-        probabilities[begin: begin + len(batch)] = softmax(scores)[:, target]
+        probabilities[begin: begin + len(batch)] = class_probabilities(scores, softmax)[:, target]
         if progress is not None:
             progress(begin + len(batch) - 1, len(positions))
     base_logit, base_probability = float(logits[0]), float(probabilities[0])

@@ -2,34 +2,36 @@
 Adversarial Examples") and iterative targeted fooling (Kurakin et al. 2017; the lecture's "make this
 image a <class>"), the untargeted basic iterative method, with a robustness curve of top-1 accuracy
 against epsilon. Epsilon is in [0, 1] pixel
-units, whatever the model's normalisation.
+units, whatever the model's normalisation. Probabilities, the loss -log p(label) and the prediction follow
+``convscope_server.scores`` (``softmax`` is the model's ``[output] softmax``): cross-entropy over K > 1
+logits, a sigmoid for a single logit, the output itself when it already holds probabilities.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from convscope_server import scores
 
-def _loss_gradient(torch_model, space, x, labels):
-    import torch.nn.functional as F
 
+def _loss_gradient(torch_model, space, x, labels, softmax: bool = True):
     x = x.detach().clone().requires_grad_(True)
     logits = torch_model.logits(space.model_input(x))
-    F.cross_entropy(logits, labels, reduction="sum").backward()
+    scores.label_loss_torch(logits, labels, softmax).backward()
     return x.grad, logits.detach()
 
 
-def fgsm(torch_model, space, x, labels, epsilon: float):
-    """x + epsilon * sign(grad of the loss of ``labels``), clipped to valid pixels. x: (N, C, H, W)."""
+def fgsm(torch_model, space, x, labels, epsilon: float, softmax: bool = True):
+    """x + epsilon * sign(grad of the loss -log p(``labels``)), clipped to valid pixels. x: (N, C, H, W)."""
     import torch
 
     low, high = space.bounds()
-    grad, _ = _loss_gradient(torch_model, space, x, labels)
+    grad, _ = _loss_gradient(torch_model, space, x, labels, softmax)
     adversarial = x + epsilon * space.per_pixel_unit() * grad.sign()
     return torch.maximum(torch.minimum(adversarial, high), low).detach()
 
 
-def iterative(torch_model, space, x, labels, epsilon: float, steps: int = 10):
+def iterative(torch_model, space, x, labels, epsilon: float, steps: int = 10, softmax: bool = True):
     """The basic iterative method (Kurakin et al. 2017): ``steps`` FGSM steps of epsilon / steps * 2.5 up the
     loss of ``labels``, each projected back into the L-inf ball of ``epsilon`` around x and onto valid
     pixels. x: (N, C, H, W)."""
@@ -43,13 +45,13 @@ def iterative(torch_model, space, x, labels, epsilon: float, steps: int = 10):
     floor, ceiling = torch.maximum(x - epsilon * unit, low), torch.minimum(x + epsilon * unit, high)
     adversarial = x.detach()
     for _ in range(steps):
-        grad, _ = _loss_gradient(torch_model, space, adversarial, labels)
+        grad, _ = _loss_gradient(torch_model, space, adversarial, labels, softmax)
         adversarial = torch.maximum(torch.minimum(adversarial + step * unit * grad.sign(), ceiling), floor).detach()
     return adversarial
 
 
 def targeted(torch_model, space, x, target: int, step_size: float, epsilon: float, steps: int,
-             stop_probability: float, report=None, should_stop=None):
+             stop_probability: float, report=None, should_stop=None, softmax: bool = True):
     """Iterative sign steps down the loss of ``target`` within an L-inf ball of ``epsilon`` until
     p(target) >= ``stop_probability``. Returns (x, probabilities per step) or None when stopped."""
     import torch
@@ -62,8 +64,8 @@ def targeted(torch_model, space, x, target: int, step_size: float, epsilon: floa
     for step in range(1, steps + 1):
         if should_stop is not None and should_stop():
             return None
-        grad, logits = _loss_gradient(torch_model, space, adversarial, labels)
-        probability = float(torch.softmax(logits, 1)[0, target])
+        grad, logits = _loss_gradient(torch_model, space, adversarial, labels, softmax)
+        probability = float(scores.class_probabilities_torch(logits, softmax)[0, target])
         if probability >= stop_probability:
             break
         with torch.no_grad():
@@ -74,14 +76,16 @@ def targeted(torch_model, space, x, target: int, step_size: float, epsilon: floa
         if report is not None:
             report(step, probability, adversarial)
     with torch.no_grad():
-        final = float(torch.softmax(torch_model.logits(space.model_input(adversarial)), 1)[0, target])
+        final = float(scores.class_probabilities_torch(torch_model.logits(space.model_input(adversarial)),
+                                                       softmax)[0, target])
     history.append(final)
     return adversarial, history
 
 
 def robustness_curve(torch_model, space, xs, labels, epsilons: list[float], chunk: int, progress=None,
-                     should_stop=None) -> np.ndarray | None:
-    """Top-1 accuracy under FGSM at each epsilon, over images ``xs`` (N, C, H, W) with ``labels`` (N,)."""
+                     should_stop=None, softmax: bool = True) -> np.ndarray | None:
+    """Top-1 accuracy under FGSM at each epsilon, over images ``xs`` (N, C, H, W) with ``labels`` (N,) (the
+    prediction of ``scores.predicted_classes_torch``: for a single output, class 0 when p > 0.5)."""
     import torch
 
     accuracy = np.zeros(len(epsilons))
@@ -93,9 +97,10 @@ def robustness_curve(torch_model, space, xs, labels, epsilons: list[float], chun
             if should_stop is not None and should_stop():
                 return None
             x, y = xs[begin: begin + chunk], labels[begin: begin + chunk]
-            adversarial = fgsm(torch_model, space, x, y, epsilon) if epsilon > 0 else x
+            adversarial = fgsm(torch_model, space, x, y, epsilon, softmax) if epsilon > 0 else x
             with torch.no_grad():
-                correct += int((torch_model.logits(space.model_input(adversarial)).argmax(1) == y).sum())
+                logits = torch_model.logits(space.model_input(adversarial))
+                correct += int((scores.predicted_classes_torch(logits, softmax) == y).sum())
             done += len(x)
             if progress is not None:
                 progress(done, total, f"epsilon {epsilon:g}")
