@@ -7,7 +7,7 @@ import numpy as np
 from convscope.v1 import model_pb2, model_pb2_grpc
 from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.scores import class_probabilities
-from convscope_server.gradient.bridge import PROBE_TOLERANCE
+from convscope_server.gradient.bridge import probe_tolerance
 from convscope_server.images import to_model_input
 from convscope_server.memory import Budget, release
 from convscope_server.onnx.graph import tensor_types
@@ -54,9 +54,12 @@ def _layer(info) -> model_pb2.Layer:
 
 def _gradient_path(bridges, model: LoadedModel) -> model_pb2.GradientPath:
     state, reason, torch_model = bridges.status(model.name)
-    path = model_pb2.GradientPath(state=state, reason=reason, tolerance=PROBE_TOLERANCE[model.precision])
+    path = model_pb2.GradientPath(state=state, reason=reason)
     if torch_model is not None:
         path.device, path.probe_difference = str(torch_model.device), torch_model.probe_difference
+        path.tolerance = torch_model.tolerance
+    else:
+        path.tolerance = probe_tolerance(model)   # wider for a graph that computes in float16 / bfloat16
     return path
 
 

@@ -4,7 +4,8 @@ The graph is first simplified with onnxslim (constant folding, so shape arithmet
 differentiated on every pass), and the simplified graph is used only if every tensor name survives;
 otherwise the served graph is converted as it is. Either way every tensor keeps the ONNX name the
 onnxruntime side uses, and ``capture`` hooks a tensor by that name. At conversion a seeded random input goes through both
-onnxruntime and torch; a relative difference above 1e-4 (or any conversion error) marks the model
+onnxruntime and torch; a relative difference above 1e-4 (``probe_tolerance``: wider for graphs that
+compute in float16 / bfloat16, which the module runs in float32) or any conversion error marks the model
 gradient-unavailable with the reason, and forward methods keep working.
 
 Device and precision belong to the converted model, never to a call site: techniques create tensors with
@@ -88,6 +89,7 @@ class TorchModel:
         self.logits_index = logits_index  # which of several graph outputs holds the logits
         self.precision = precision
         self.probe_difference = float("nan")
+        self.tolerance = PROBE_TOLERANCE[precision]  # what the load probe accepted (``probe_tolerance``)
         self._gate = gate or PrecisionGate()
         self.plan = ForwardPlan.of(module)
 
@@ -253,6 +255,80 @@ def _fast_layer_norms(module, proto) -> int:
     return swapped
 
 
+def _instance_norm(eps: float, weight, bias, runtime: tuple[int, ...]):
+    """InstanceNormalization as ONNX defines it: statistics of each sample's channel, never running
+    statistics, then ``scale`` and ``B`` per channel. ``weight`` / ``bias``: the initializer values (None
+    when that input arrives at run time); ``runtime``: the input positions (1 scale, 2 B) that do, in order.
+    A subclass of onnx2pytorch's wrapper, so that its forward (and ``ForwardPlan``) pass it only the
+    activations, as to the layer it replaces."""
+    import torch
+    from onnx2pytorch.operations import InstanceNormWrapper
+
+    class InstanceNormalization(InstanceNormWrapper):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.eps, self.runtime = eps, runtime
+            self.weight = None if weight is None else torch.nn.Parameter(weight, requires_grad=False)
+            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+        def forward(self, x, *given):
+            values = {1: self.weight, 2: self.bias, **dict(zip(self.runtime, given))}
+            scale, shift = values[1], values[2]
+            if math.prod(x.shape[2:]) > 1:
+                return torch.nn.functional.instance_norm(x, None, None, scale, shift, True, 0.0, self.eps)
+            # one element per channel (torch's kernel refuses it): x - mean is 0, as onnxruntime computes
+            dims = tuple(range(2, x.dim()))
+            out = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + self.eps)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            out = out if scale is None else out * scale.reshape(shape)
+            return out if shift is None else out + shift.reshape(shape)
+
+    return InstanceNormalization()
+
+
+def _instance_norms(module, proto) -> int:
+    """Swap onnx2pytorch's InstanceNormWrapper for :func:`_instance_norm`. The wrapper builds a lazy norm
+    when scale and B are not initializers (its parameters uninitialised, and tracking running statistics
+    that in eval mode replace each sample's own), assigns a lone initializer to the scale whatever its
+    position, and writes runtime values into its shared parameters on every call. Returns how many were
+    swapped."""
+    from onnx2pytorch.convert.operations import get_buffer_name
+    from onnx2pytorch.operations import InstanceNormWrapper
+
+    initializers = {init.name for init in proto.graph.initializer}
+    swapped = 0
+    for node in proto.graph.node:
+        if node.op_type != "InstanceNormalization" or node.output[0] not in module.mapping:
+            continue
+        name = module.mapping[node.output[0]]
+        if not isinstance(getattr(module, name), InstanceNormWrapper):
+            continue
+        inputs = {position: node.input[position] if len(node.input) > position else "" for position in (1, 2)}
+        # the converted module holds every initializer as a buffer
+        stored = {position: getattr(module, get_buffer_name(tensor)).clone() if tensor in initializers else None
+                  for position, tensor in inputs.items()}
+        runtime = tuple(position for position, tensor in inputs.items() if tensor and tensor not in initializers)
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        setattr(module, name, _instance_norm(eps, stored[1], stored[2], runtime))
+        swapped += 1
+    return swapped
+
+
+def _lazy_layers(module) -> list[str]:
+    """ONNX node outputs whose onnx2pytorch layer still has uninitialised (lazy) parameters: its
+    parameters are computed in the graph, not stored as constants, which the layer cannot take."""
+    from torch.nn.parameter import is_lazy
+
+    by_name = {}
+    for out, name in module.mapping.items():
+        by_name.setdefault(name, out)
+    found = []
+    for name, sub in module.named_children():
+        if any(is_lazy(t) for t in (*sub.parameters(), *sub.buffers())):
+            found.append(by_name.get(name, name))
+    return found
+
+
 def image_dependent(proto) -> set[str]:
     """Names of the tensors computed from the graph's inputs (not from weights and constants alone)."""
     initializers = {init.name for init in proto.graph.initializer}
@@ -263,11 +339,212 @@ def image_dependent(proto) -> set[str]:
     return reached
 
 
+# Inputs that onnx2pytorch's converters read from the graph's initializers alone, as the layer's parameters
+# (op -> input positions). Fed by a Constant node instead (the TorchScript exporter writes GroupNorm as
+# Reshape -> InstanceNormalization with Constant scale and bias), the layer is built lazily (its parameters
+# uninitialised, a lazy norm tracking running statistics) or without a bias, and the values arrive as
+# runtime inputs in the wrong positions: Conv and Gemm fail to build, InstanceNormalization and
+# BatchNormalization take B for the scale.
+PARAMETER_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "BatchNormalization": (1, 2, 3, 4),
+                    "InstanceNormalization": (1, 2)}
+
+
+def _subgraphs(node):
+    import onnx
+
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            yield from attribute.graphs
+
+
+def _read_names(graph) -> set[str]:
+    """Every tensor name a node of ``graph`` reads, subgraphs (which may read the outer graph's) included."""
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for subgraph in _subgraphs(node):
+            read |= _read_names(subgraph)
+    return read
+
+
+def _float_types(proto) -> set[int]:
+    """The ONNX float element types the graph stores or computes in: initializers, Constant values, Cast
+    targets, and the declared types of its inputs, outputs and inferred tensors (subgraphs included)."""
+    import onnx
+
+    found: set[int] = set()
+
+    def visit(graph):
+        found.update(init.data_type for init in graph.initializer)
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.type.HasField("tensor_type"):
+                found.add(value.type.tensor_type.elem_type)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    found.add(attribute.t.data_type)
+                elif node.op_type == "Cast" and attribute.name == "to":
+                    found.add(attribute.i)
+            for subgraph in _subgraphs(node):
+                visit(subgraph)
+
+    visit(proto.graph)
+    return found
+
+
+# Below-float32 types, with the probe tolerance each needs. The torch module always computes in float32
+# (``prepared_for_torch`` widens the graph; CPU kernels for half types are few and slow, and a float32
+# gradient is what the techniques want), while onnxruntime runs the graph in its own type and rounds its
+# tensors to it (at least the graph's half-type outputs; the CPU provider computes some ops in float32).
+# The tolerance is 20 units of roundoff of the type (2^-11 for float16, 2^-8 for bfloat16), room for that
+# rounding to build up over a few dozen layers; a tiny CNN with float16 weights and I/O measured 2e-4.
+LOW_PRECISION_TOLERANCE = {"float16": 20 * 2.0 ** -11, "bfloat16": 20 * 2.0 ** -8}
+
+
+def graph_precision(proto) -> str:
+    """The lowest float precision the served graph computes the image in: "bfloat16", "float16" or
+    "float32", from the types of the image-dependent tensors (declared or inferred) and of the casts
+    applied to them. Weights merely stored in a half type and cast to float32 compute in float32."""
+    import onnx
+
+    graph = proto.graph
+    dependent = image_dependent(proto)
+    types = {value.type.tensor_type.elem_type for value in (*graph.input, *graph.output, *graph.value_info)
+             if value.name in dependent and value.type.HasField("tensor_type")}
+    types.update(a.i for node in graph.node if node.op_type == "Cast" and node.input and node.input[0] in dependent
+                 for a in node.attribute if a.name == "to")
+    if onnx.TensorProto.BFLOAT16 in types:
+        return "bfloat16"
+    return "float16" if onnx.TensorProto.FLOAT16 in types else "float32"
+
+
+def probe_tolerance(model) -> float:
+    """The largest relative difference of the logits, torch vs onnxruntime, the load probe accepts: the
+    policy's (:data:`PROBE_TOLERANCE`), widened for a graph that computes in a half type."""
+    return max(PROBE_TOLERANCE[model.precision], LOW_PRECISION_TOLERANCE.get(graph_precision(model.proto), 0.0))
+
+
+def _widen_to_float32(graph, kinds: set[int]) -> None:
+    """Every tensor of an element type in ``kinds`` becomes float32, in ``graph`` and its subgraphs:
+    initializers, Constant / ConstantOfShape values, Cast targets, ``dtype`` attributes and declared types."""
+    import onnx
+    from onnx import numpy_helper
+
+    def widened(tensor):
+        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+
+    for index, init in enumerate(graph.initializer):
+        if init.data_type in kinds:
+            graph.initializer[index].CopyFrom(widened(init))
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type in kinds:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in kinds:
+                attribute.t.CopyFrom(widened(attribute.t))
+            elif (attribute.type == onnx.AttributeProto.INT and attribute.i in kinds
+                  and (node.op_type, attribute.name) in (("Cast", "to"), ("EyeLike", "dtype"),
+                                                         ("RandomNormal", "dtype"), ("RandomUniform", "dtype"),
+                                                         ("RandomNormalLike", "dtype"),
+                                                         ("RandomUniformLike", "dtype"))):
+                attribute.i = onnx.TensorProto.FLOAT
+        for subgraph in _subgraphs(node):
+            _widen_to_float32(subgraph, kinds)
+
+
+def _constant_value(node):
+    """The value of a Constant node as a numpy array, or None (sparse and string constants)."""
+    from onnx import numpy_helper
+
+    for attribute in node.attribute:
+        if attribute.name == "value":
+            return numpy_helper.to_array(attribute.t)
+        if attribute.name == "value_float":
+            return np.array(attribute.f, np.float32)
+        if attribute.name == "value_floats":
+            return np.array(attribute.floats, np.float32)
+        if attribute.name == "value_int":
+            return np.array(attribute.i, np.int64)
+        if attribute.name == "value_ints":
+            return np.array(attribute.ints, np.int64)
+    return None
+
+
+def _constant_parameters(graph) -> int:
+    """Parameter inputs (:data:`PARAMETER_INPUTS`) computed from constants alone by Constant nodes, or by
+    Identity / Cast of a constant, become initializers of their own, and the layer reads those; the
+    Constant / Identity / Cast nodes nothing else reads are dropped. Returns how many inputs were
+    rewired."""
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    taken = set(initializers) | {out for node in graph.node for out in node.output} | {v.name for v in graph.input}
+    values: dict[str, object] = {}       # constant tensors that are not initializers, computed lazily
+    sources: dict[str, int] = {}          # their producing node's index
+
+    def value(name):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        found = values[name]
+        return found() if callable(found) else found
+
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Constant" and len(node.output) == 1:
+            found = _constant_value(node)
+            if found is not None:
+                values[node.output[0]], sources[node.output[0]] = found, index
+        elif node.op_type in ("Identity", "Cast") and node.input and (node.input[0] in values
+                                                                     or node.input[0] in initializers):
+            source = node.input[0]
+            if node.op_type == "Identity":
+                values[node.output[0]] = lambda source=source: value(source)
+            else:
+                to = next(a.i for a in node.attribute if a.name == "to")
+                dtype = helper.tensor_dtype_to_np_dtype(to)
+                values[node.output[0]] = lambda source=source, dtype=dtype: np.asarray(value(source)).astype(dtype)
+            sources[node.output[0]] = index
+    made: dict[str, str] = {}
+    rewired = 0
+    for node in graph.node:
+        for position in PARAMETER_INPUTS.get(node.op_type, ()):
+            if position >= len(node.input) or node.input[position] not in values:
+                continue
+            name = node.input[position]
+            if name not in made:
+                fresh, suffix = f"{name}:parameter", 1
+                while fresh in taken:
+                    fresh, suffix = f"{name}:parameter{suffix}", suffix + 1
+                taken.add(fresh)
+                graph.initializer.append(numpy_helper.from_array(np.asarray(value(name)), fresh))
+                made[name] = fresh
+            node.input[position] = made[name]
+            rewired += 1
+    chain = set()  # the nodes that computed the rewired inputs, back to their Constant
+    for name in made:
+        while name in sources and sources[name] not in chain:
+            chain.add(sources[name])
+            name = graph.node[sources[name]].input[0] if graph.node[sources[name]].input else ""
+    outputs = {o.name for o in graph.output}
+    for index in sorted(chain, reverse=True):  # the last first: a chain's nodes become unread in turn
+        read = _read_names(graph)
+        if not any(out in read or out in outputs for out in graph.node[index].output):
+            del graph.node[index]
+    return rewired
+
+
 def prepared_for_torch(proto):
     """A copy of ``proto`` rewritten where onnx2pytorch would fail, every image-dependent tensor kept:
 
+    - Half-precision graphs (float16 / bfloat16 weights, inputs, outputs or casts) become float32: the
+      torch module computes in float32, as the techniques' tensors are (``TorchModel.tensor``), and the
+      load probe's tolerance follows the served graph's own precision (:func:`probe_tolerance`).
     - BatchNormalization's ``training_mode = 0`` (opset >= 14 exports, e.g. a BN after a Concat) says
       what inference means anyway and is dropped; onnx2pytorch refuses the attribute.
+    - Parameters computed from constants by nodes (:data:`PARAMETER_INPUTS`; GroupNorm as the TorchScript
+      exporter writes it) are read from initializers of their own (:func:`_constant_parameters`).
     - Weights fed through Identity nodes (the legacy exporter shares bit-identical initializers that
       way): consumers read the initializer itself, as onnx2pytorch's layers expect parameters to be.
     """
@@ -276,6 +553,9 @@ def prepared_for_torch(proto):
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     graph = copy.graph
+    kinds = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    if _float_types(copy) & kinds:
+        _widen_to_float32(graph, kinds)
     constant = {init.name for init in graph.initializer}
     aliases: dict[str, str] = {}
     for node in graph.node:
@@ -290,6 +570,7 @@ def prepared_for_torch(proto):
             for index, name in enumerate(node.input):
                 if name in aliases:
                     node.input[index] = aliases[name]
+    _constant_parameters(graph)
     return copy
 
 
@@ -625,6 +906,11 @@ def _convert(model, device, gate: PrecisionGate) -> TorchModel:
     module = ConvertModel(graph, experimental=True)
     _fast_clips(module, graph)
     _fast_layer_norms(module, graph)
+    _instance_norms(module, graph)
+    lazy = _lazy_layers(module)
+    if lazy:
+        raise NotImplementedError(f"the parameters of {', '.join(map(repr, lazy[:3]))} are computed in the graph, "
+                                  f"not stored as constants; onnx2pytorch's layer needs them stored")
     hookable(module)
     module.eval()
     for parameter in module.parameters():
@@ -638,18 +924,20 @@ def _probe_difference(model, torch_model: TorchModel) -> float:
     import torch
 
     from convscope_server.images import sample_shape
+    from convscope_server.onnx.session import INPUT_DATATYPES
 
     batch = model.fixed_batch or 2
     rng = np.random.default_rng(0)
     shape = (batch, *sample_shape(model.config))
-    if model.config.input_datatype == "FP32":
-        x = rng.normal(size=shape).astype(np.float32)
+    dtype = INPUT_DATATYPES[model.config.input_datatype]
+    if np.issubdtype(dtype, np.floating):  # values the graph's type holds, so both sides see the same input
+        x = rng.normal(size=shape).astype(dtype).astype(np.float32)
     else:  # integer pixels for uint8 graphs, values in the type's range for the others
         x = rng.integers(0, 256, size=shape).astype(np.float32)
     (expected,) = model.run(x, [model.config.logits_output])
     with torch.no_grad():
-        got = torch_model.as_numpy(torch_model.logits(torch_model.tensor(x)))
-    expected = expected.reshape(len(x), -1)
+        got = torch_model.as_numpy(torch_model.logits(torch_model.tensor(x))).astype(np.float64)
+    expected = np.asarray(expected, np.float64).reshape(len(x), -1)
     return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
 
 
@@ -746,7 +1034,7 @@ class TorchBridges:
             torch_model = _convert(model, device, self.gate)
         except Exception as error:  # onnx2pytorch raises NotImplementedError / KeyError / ... per op
             return f"onnx2pytorch cannot convert the graph: {type(error).__name__}: {error}"
-        tolerance = PROBE_TOLERANCE[torch_model.precision]
+        tolerance = probe_tolerance(model)
         try:
             with torch_model.scope():
                 difference = _probe_difference(model, torch_model)
@@ -754,7 +1042,8 @@ class TorchBridges:
             return f"the converted module fails on a probe input: {type(error).__name__}: {error}"
         if not difference <= tolerance:
             return (f"the converted module disagrees with onnxruntime on a probe input (relative difference "
-                    f"{difference:.2e} > {tolerance:.0e} for precision {torch_model.precision!r})")
-        torch_model.probe_difference = difference
+                    f"{difference:.2e} > {tolerance:.1e} for precision {torch_model.precision!r}, "
+                    f"{graph_precision(model.proto)} graph)")
+        torch_model.probe_difference, torch_model.tolerance = difference, tolerance
         log.info("model %s: torch module ready on %s (probe difference %.1e)", model.name, device, difference)
         return torch_model

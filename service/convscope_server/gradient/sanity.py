@@ -1,9 +1,9 @@
 """Model-parameter randomisation test (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
 
-Weighted layers are re-initialised one after another from the top (logits) down, cumulatively, on a copy
-of the converted module; after each step every method's map is recomputed and compared with its map on
-the trained model by Spearman rank correlation of the absolute values. A method whose maps barely change
-while the weights that define the class are destroyed is not explaining the model.
+Weighted layers the logits depend on are re-initialised one after another from the top (logits) down,
+cumulatively, on a copy of the converted module; after each step every method's map is recomputed and
+compared with its map on the trained model by Spearman rank correlation of the absolute values. A method
+whose maps barely change while the weights that define the class are destroyed is not explaining the model.
 """
 
 from __future__ import annotations
@@ -36,11 +36,62 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / denominator) if denominator else 0.0
 
 
+# Ops whose output depends on their input's shape only, never on its values: a weight behind them cannot
+# change the logits, so the walk back from the logits stops there.
+SHAPE_ONLY = ("Shape", "Size")
+
+
+def _subgraph_reads(node) -> set[str]:
+    """Names the subgraphs of ``node`` (If / Loop / Scan bodies) read, including the outer graph's."""
+    import onnx
+
+    read: set[str] = set()
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                read.update(inner.input)
+                read |= _subgraph_reads(inner)
+    return read
+
+
+def ancestors(proto, output: str) -> set[str]:
+    """Names of the tensors whose values ``output`` depends on, ``output`` included: the graph walked back
+    from it through every node's inputs (and what its subgraphs read), except the inputs of ops that read
+    only a shape (:data:`SHAPE_ONLY`)."""
+    producer = {out: node for node in proto.graph.node for out in node.output if out}
+    found, pending = set(), [output]
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        node = producer.get(name)
+        if node is None or node.op_type in SHAPE_ONLY:
+            continue
+        pending.extend(n for n in (*node.input, *_subgraph_reads(node)) if n and n not in found)
+    return found
+
+
+def logits_name(torch_model, proto) -> str:
+    """The graph output holding the logits (``model.config.logits_output``: the converted module keeps
+    its index among the graph's outputs)."""
+    outputs = [value.name for value in proto.graph.output]
+    index = torch_model.logits_index
+    return outputs[index if index is not None else 0]
+
+
 def weighted_layers(torch_model, proto) -> list[tuple[str, object]]:
-    """(tensor name, module holding weights) for every Conv/Gemm/MatMul node, from the top down."""
+    """(tensor name, module holding weights) for every Conv/Gemm/MatMul node the logits depend on, from the
+    top down. Layers of other outputs (an embedding head beside the classifier, an auxiliary head) are
+    left out: randomising them cannot change a map of a class score, and the cascade would report every
+    method as insensitive. The audit's randomisation section runs through here too."""
+    path = ancestors(proto, logits_name(torch_model, proto))
     found = []
     for node in proto.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or node.output[0] not in torch_model.module.mapping:
+            continue
+        if node.output[0] not in path:
             continue
         module, _ = torch_model.producer(node.output[0])
         holders = [m for m in module.modules() if getattr(m, "weight", None) is not None]
