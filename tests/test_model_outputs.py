@@ -179,3 +179,42 @@ def test_a_two_class_model_predicts_both_classes_by_default(client):
     assert sorted(s.index for s in got) == [0, 1]
     with pytest.raises(InvalidArgument, match="top_k: 3 is more than the model's 2 classes"):
         client.predict("two_classes", picture(7), top=3)
+
+
+def test_corruptions_of_a_four_channel_input_work_per_channel():
+    """Blur and JPEG corrupt each of the four channels as a grey picture (Pillow by hand), noise all."""
+    from PIL import Image, ImageFilter
+
+    from convscope_server.audit.robustness import corrupted_input
+    from convscope_server.repository import build_config
+
+    config = build_config(_four_channel_proto(), {"input": {"scale": 1.0, "mean": [0.5] * 4, "std": [0.5] * 4}})
+    pixels = picture(8, 4)
+    sample = ((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).astype(np.float32)
+    blurred = corrupted_input(sample, config, "gaussian_blur", 2.0, np.random.default_rng(0))
+    by_hand = np.stack([np.asarray(Image.fromarray(pixels[..., c]).filter(ImageFilter.GaussianBlur(2.0)))
+                        for c in range(4)], axis=2)
+    np.testing.assert_allclose(blurred, ((by_hand / 255.0 - 0.5) / 0.5).transpose(2, 0, 1), atol=1e-6)
+    noisy = corrupted_input(sample, config, "gaussian_noise", 0.08, np.random.default_rng(0))
+    assert noisy.shape == sample.shape and 0.05 < np.abs(noisy - sample).mean() < 0.5
+
+
+def _four_channel_proto():
+    import io
+
+    import onnx
+
+    buffer = io.BytesIO()
+    torch.onnx.export(Classifier(channels=4).eval(), (torch.zeros(1, 4, SIZE, SIZE),), buffer, dynamo=False,
+                      opset_version=17, input_names=["input"], output_names=["logits"])
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def test_an_audit_of_a_four_channel_model_runs_every_section(client):
+    pictures = [png_bytes(picture(20 + n, 4)) for n in range(6)]
+    info = client.run_audit("rgba-audit", "rgba", pictures, unit_layers=1, attribution_images=2, curve_steps=4,
+                            robustness_images=4, epsilons=[0.0, 2 / 255], feature_steps=-1, worst_images=-1)
+    assert info.images == 6
+    report = client.audit("rgba-audit")
+    corruptions = report["robustness"]["corruptions"]
+    assert set(corruptions) >= {"clean", "gaussian_blur", "jpeg", "gaussian_noise", "occlusion"}

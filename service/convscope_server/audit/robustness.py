@@ -18,7 +18,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from convscope_server.images import normalize_pixels
+from convscope_server.images import bgr_order, normalize_pixels
 from convscope_server.render import display_image
 from convscope_server.scores import predicted_classes
 
@@ -31,16 +31,16 @@ CORRUPTIONS = {
 
 
 def corrupt(pixels: np.ndarray, kind: str, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (H, W, 3) pixels corrupted by ``kind`` at ``strength`` (see the module docstring)."""
+    """uint8 (H, W, 3) or grey (H, W) pixels corrupted by ``kind`` at ``strength`` (see the module docstring)."""
     if kind == "gaussian_noise":
         noisy = pixels.astype(np.float64) + rng.normal(0.0, strength * 255.0, pixels.shape)
         return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
     if kind == "gaussian_blur":
         return np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(strength)))
     if kind == "jpeg":
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(strength))
-        return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+        buffer, image = io.BytesIO(), Image.fromarray(pixels)
+        image.save(buffer, format="JPEG", quality=int(strength))
+        return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert(image.mode))
     if kind == "occlusion":
         return pixels  # applied in model-input space (see corrupted_input)
     raise ValueError(f"unknown corruption {kind!r}; known: {sorted(CORRUPTIONS)}")
@@ -58,9 +58,21 @@ def corrupted_input(sample: np.ndarray, config, kind: str, strength: float, rng:
         index[h_axis], index[w_axis] = slice(top, top + side), slice(left, left + side)
         out[tuple(index)] = 0
         return out
-    pixels = corrupt(display_image(sample, config), kind, strength, rng)
-    if config.channels == 1:
-        pixels = pixels[..., :1]
+    if config.channels in (1, 3):
+        pixels = corrupt(display_image(sample, config), kind, strength, rng)
+        return normalize_pixels(pixels[..., :config.channels], config)
+    # 4 channels (RGBA) or another count: the pixels of every channel (RGB order, as normalize_pixels takes
+    # them); noise on all at once, blur and JPEG on each channel as a grey picture of its own
+    hwc = sample.transpose(1, 2, 0) if config.layout == "NCHW" else sample
+    values = (hwc * np.asarray(config.std, np.float32) + np.asarray(config.mean, np.float32)) * (255.0 / config.scale)
+    if config.channel_order == "BGR":
+        values = values[..., bgr_order(values.shape[2])]
+    pixels = np.clip(np.round(values), 0, 255).astype(np.uint8)
+    if kind == "gaussian_noise":
+        pixels = corrupt(pixels, kind, strength, rng)
+    else:
+        pixels = np.stack([corrupt(np.ascontiguousarray(pixels[..., c]), kind, strength, rng)
+                           for c in range(pixels.shape[2])], axis=2)
     return normalize_pixels(pixels, config)
 
 
