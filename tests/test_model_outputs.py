@@ -218,3 +218,41 @@ def test_an_audit_of_a_four_channel_model_runs_every_section(client):
     report = client.audit("rgba-audit")
     corruptions = report["robustness"]["corruptions"]
     assert set(corruptions) >= {"clean", "gaussian_blur", "jpeg", "gaussian_noise", "occlusion"}
+
+
+class LeakyNet(nn.Module):
+    """No ReLU anywhere: LeakyReLU and GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.conv2(nn.functional.leaky_relu(self.conv1(x), 0.1)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_guided_backprop_says_when_there_is_no_rectifier_to_modify(tmp_path):
+    """On a net without ReLU the rules change nothing: the result equals the plain gradient (Captum's
+    Saliency on the native module, signed), and the response says why; with ReLUs there is no note."""
+    from captum.attr import Saliency
+
+    torch.manual_seed(0)
+    native = LeakyNet().eval()
+    write(tmp_path / "models" / "leaky", native, 3)
+    write(tmp_path / "models" / "relu", Classifier(), 3)
+    server = start(tmp_path / "models")
+    try:
+        with Client(server.address, timeout=60) as client:
+            pixels = picture(9)
+            guided = client.guided_backprop("leaky", pixels, target=1)
+            x = torch.from_numpy(((pixels / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32))
+            expected = Saliency(native).attribute(x, target=1, abs=False)[0].numpy()
+            np.testing.assert_allclose(guided.attribution, expected, rtol=1e-4, atol=1e-6)
+            assert "no ReLU" in guided.note and "plain gradient" in guided.note
+            assert "no ReLU" in client.deconvnet("leaky", pixels, target=1).note
+            assert "no ReLU" in client.cam("leaky", pixels, target=1, method="guided_gradcam").note
+            assert client.guided_backprop("relu", pixels, target=1).note == ""
+    finally:
+        server.stop(0)

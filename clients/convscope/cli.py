@@ -235,6 +235,8 @@ def _attribution_pages(client, args, title: str, intro: str, call, unit: str, wh
         r = with_progress(Path(path).name, lambda bar: call(path, bar))
         subject = what or _target_words(r.target, r.label)
         print(f"{path}: {subject}; {r.backward_passes} backward pass(es)")
+        if r.note:
+            print(f"  note: {r.note}")
         rendering()
         stem, name = safe_name(Path(path).stem), Path(path).name
         page.figure(f"{args.command}_{stem}_map.png", figures.heatmap(

@@ -311,6 +311,8 @@ class Attribution:
         mask: GrabCut foreground (H, W), with ``saliency(..., segment=True)``.
         mask_png: the image with the background darkened, with segment and render.
         layer: CAMs: the layer the map was computed on (the default when none was named).
+        note: what to know about how it came about (e.g. guided backprop on a model with no ReLU: the
+            plain gradient); empty when nothing.
     """
     target: int
     label: str
@@ -322,6 +324,7 @@ class Attribution:
     mask: np.ndarray | None = None
     mask_png: bytes = b""
     layer: str = ""
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -419,7 +422,7 @@ _CAMS = {"gradcam": attribution_pb2.CAM_GRADCAM, "gradcam++": attribution_pb2.CA
 def _attribution(r) -> Attribution:
     return Attribution(r.target, r.label, from_tensor(r.attribution), from_tensor(r.map), r.backward_passes,
                        r.heatmap_png, r.overlay_png, from_tensor(r.mask).astype(bool) if r.HasField("mask") else None,
-                       r.mask_png, r.layer)
+                       r.mask_png, r.layer, r.note)
 
 
 def _many(value) -> bool:

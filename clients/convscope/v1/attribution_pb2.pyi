@@ -102,7 +102,7 @@ class GradCamRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., method: _Optional[_Union[CamMethod, str]] = ..., render: _Optional[bool] = ...) -> None: ...
 
 class AttributionResult(_message.Message):
-    __slots__ = ("target", "label", "attribution", "map", "backward_passes", "heatmap_png", "overlay_png", "mask", "mask_png", "layer")
+    __slots__ = ("target", "label", "attribution", "map", "backward_passes", "heatmap_png", "overlay_png", "mask", "mask_png", "layer", "note")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class AttributionResult(_message.Message):
     MASK_FIELD_NUMBER: _ClassVar[int]
     MASK_PNG_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     target: int
     label: str
     attribution: _tensor_pb2.Tensor
@@ -123,7 +124,8 @@ class AttributionResult(_message.Message):
     mask: _tensor_pb2.Tensor
     mask_png: bytes
     layer: str
-    def __init__(self, target: _Optional[int] = ..., label: _Optional[str] = ..., attribution: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., backward_passes: _Optional[int] = ..., heatmap_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mask_png: _Optional[bytes] = ..., layer: _Optional[str] = ...) -> None: ...
+    note: str
+    def __init__(self, target: _Optional[int] = ..., label: _Optional[str] = ..., attribution: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., backward_passes: _Optional[int] = ..., heatmap_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mask_png: _Optional[bytes] = ..., layer: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
 
 class AttributionEvent(_message.Message):
     __slots__ = ("progress", "result")

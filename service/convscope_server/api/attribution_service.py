@@ -163,8 +163,11 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         with torch_model.scope():
             grads = backprop.modified_gradient(torch_model, sample, rule, target, layer_name, int(request.channel),
                                                channel_of_layer, position)
-        return self._result(model, sample, target, grads, attribution.saliency_map(grads, channel_axis), 1,
-                            request.render)
+        result = self._result(model, sample, target, grads, attribution.saliency_map(grads, channel_axis), 1,
+                              request.render)
+        if not backprop.rectifiers(torch_model):
+            result.note = backprop.NO_RECTIFIER
+        return result
 
     def GradCam(self, request, context):
         model = require_model(self.repository, request.model)
@@ -215,6 +218,8 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
             attributed = guided * np.expand_dims(coarse, channel_axis)
             result = self._result(model, sample, target, attributed,
                                   attribution.saliency_map(attributed, channel_axis), 2, request.render)
+            if not backprop.rectifiers(torch_model):
+                result.note = "guided part: " + backprop.NO_RECTIFIER
         else:
             heat = cam.grad_cam(activation, grads, method, height, width)
             result = self._result(model, sample, target, cam.cam_weights(activation, grads, method), heat, 1,

@@ -41,6 +41,20 @@ def _rule_function():
     return Rewritten
 
 
+def rectifiers(torch_model) -> list:
+    """The modules whose backward the rules replace: ReLU, Clip (a Clip with a lower bound other than 0 is
+    left alone at run time) and Hardtanh from 0."""
+    import torch
+
+    return [module for module in torch_model.module.modules()
+            if type(module).__name__ in ("ReLU", "Clip")
+            or (isinstance(module, torch.nn.Hardtanh) and module.min_val == 0.0)]
+
+
+NO_RECTIFIER = ("the model has no ReLU or ReLU6 (Clip from 0) for the rule to modify (its activations are of "
+                "other kinds), so this is the plain gradient")
+
+
 @contextlib.contextmanager
 def modified_relus(torch_model, rule: str):
     """Within the block, backward through ReLU and through Clip with lower bound 0 (ReLU6) follows
@@ -79,12 +93,7 @@ def modified_relus(torch_model, rule: str):
 
         return rewritten.apply(inputs[0], output, backward)
 
-    handles = []
-    for module in torch_model.module.modules():
-        kind = type(module).__name__
-        rectifying_hardtanh = isinstance(module, torch.nn.Hardtanh) and module.min_val == 0.0
-        if kind in ("ReLU", "Clip") or rectifying_hardtanh:
-            handles.append(module.register_forward_hook(hook))
+    handles = [module.register_forward_hook(hook) for module in rectifiers(torch_model)]
     try:
         yield
     finally:
