@@ -17,21 +17,9 @@ from torch.nn import functional as F
 
 from conftest import start
 from convscope import Client
-from tiny_models import SIZE
+from tiny_models import SIZE, TINY_CONFIG
 
-CONFIG = """
-[input]
-height = 32
-width = 32
-layout = "NCHW"
-scale = 1.0
-mean = [0.5, 0.5, 0.5]
-std = [0.25, 0.25, 0.25]
-
-[output]
-labels = "labels.txt"
-softmax = {softmax}
-"""
+CONFIG = TINY_CONFIG + "softmax = {softmax}\n"   # the tiny models' [input] and labels
 UNIT = 1.0 / 0.25            # one [0, 1] pixel unit in model-input units (scale / std)
 LOW, HIGH = -2.0, 2.0        # the model input of pixels 0 and 1
 HEADS = {  # name: (classes, head, [output] softmax)
