@@ -177,7 +177,7 @@ def in_cli_terms(message: str) -> str:
     """A server message whose field names are proto fields -> the CLI flags that set them."""
     match = re.match(r"([\w.\[\]]+): ", message)
     if match:
-        field = re.sub(r"\[\d+\]", "", match.group(1))
+        field = re.sub(r"^spec\.", "", re.sub(r"\[\d+\]", "", match.group(1)))
         if field in FIELD_FLAGS:
             return FIELD_FLAGS[field] + message[len(match.group(1)):]
     return message

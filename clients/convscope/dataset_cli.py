@@ -24,10 +24,9 @@ from convscope import figures
 from convscope.cli_common import EXIT_NOT_FOUND, CliError, load_photo, safe_name, status, table, with_progress
 from convscope.client import Client
 from convscope.errors import ConvscopeError
+from convscope.images import IMAGE_EXTENSIONS, readable_text
 from convscope.pages import Page
 
-# The extensions the server reads in dataset folders (service/convscope_server/datasets.py).
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 ACTIVATIONS = {"Clip", "Relu", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh"}
 
 
@@ -37,11 +36,14 @@ def local_images(paths: list[str]) -> list[tuple[str, Path, str]]:
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+            # the server's rule for dataset folders: sorted paths, hidden files and folders left out
+            for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                               and not any(part.startswith(".") for part in p.relative_to(path).parts)):
                 relative = file.relative_to(path)
-                found.append((file.as_posix(), file, relative.parts[0] if len(relative.parts) > 1 else ""))
+                found.append((readable_text(file.as_posix()), file,
+                              readable_text(relative.parts[0]) if len(relative.parts) > 1 else ""))
         elif path.is_file():
-            found.append((path.as_posix(), path, ""))
+            found.append((readable_text(path.as_posix()), path, ""))
         else:
             raise CliError(f"{given}: no such image file or folder", EXIT_NOT_FOUND)
     return found

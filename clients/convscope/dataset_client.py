@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convscope.images import to_image_message
+from convscope.images import readable_text, to_image_message
 from convscope.tensors import from_tensor
 from convscope.v1 import dataset_pb2
 
@@ -27,7 +27,8 @@ class DatasetSummary:
 
     Attributes:
         name: the folder's name under the server's data root; scans take it as ``dataset=``.
-        images: how many image files it holds.
+        images: the items a scan of it goes through (image files, hidden ones left out, and entries it will
+            report unreadable).
         labels: its class sub-folders, when it has them.
     """
     name: str
@@ -77,7 +78,7 @@ class TopPatches:
 
     Attributes:
         layer: the layer scanned.
-        images: how many images were scanned.
+        images: how many images were read and scanned (the unreadable ones are ``skipped``).
         skipped: how many were unreadable (listed in ``errors``).
         channels: channel -> hits, best first.
         grid_png: one row of patches per channel, when rendered.
@@ -230,7 +231,7 @@ def _items(images) -> Iterable[dataset_pb2.DatasetItem]:
                                           label=str(rest[0]) if rest else "")
         elif isinstance(entry, (str, os.PathLike)):
             item_id = os.path.relpath(os.path.abspath(entry), common) if common else os.fspath(entry)
-            yield dataset_pb2.DatasetItem(id=item_id, image=to_image_message(entry))
+            yield dataset_pb2.DatasetItem(id=readable_text(os.fsdecode(item_id)), image=to_image_message(entry))
         else:
             yield dataset_pb2.DatasetItem(id=str(index), image=to_image_message(entry))
 

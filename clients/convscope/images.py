@@ -15,6 +15,9 @@ import numpy as np
 from convscope.tensors import to_tensor
 from convscope.v1 import tensor_pb2
 
+# The files a dataset folder's scan reads (server) and a folder streamed by the CLI sends, by extension.
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
 
 def to_image_message(image) -> tensor_pb2.Image:
     if isinstance(image, tensor_pb2.Image):
@@ -59,3 +62,9 @@ def eight_bit(image):
             values = values * 255
         return PILImage.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
     return image
+
+
+def readable_text(name: str) -> str:
+    """A file name as valid UTF-8 text (protobuf strings must be): bytes that are not UTF-8 (Python keeps
+    them as surrogates) shown as \\xNN. The server names dataset files the same way."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -1,9 +1,16 @@
 """Where dataset scans get their images: folders under the data root, or a client's stream.
 
-A dataset is any folder under the configured data root, read recursively in sorted path order; an item's
-id is its path relative to the dataset folder and its label the first sub-folder (``demo/cat/01.jpg`` ->
-label ``cat``). Names and files must resolve inside the data root: ``..``, absolute paths and symlinks
-that lead outside are refused. Streamed items arrive as ``DatasetItem`` messages after the request's spec.
+A dataset is any folder under the configured data root, read recursively in sorted path order (each
+folder's entries by name, files and sub-folders together: the order of sorted ``pathlib`` paths); an
+item's id is its path relative to the dataset folder and its label the first sub-folder
+(``demo/cat/01.jpg`` -> label ``cat``). Hidden files and folders (names starting with ``.``: ``.git``,
+macOS ``._`` files) are not part of a dataset. Names and files must resolve inside the data root: ``..``,
+absolute paths and symlinks that lead outside are refused. Symlinked folders inside the root are followed
+(once: a link back to a folder being walked is a loop). Nothing is dropped in silence: a file that is not
+a regular file (a FIFO would block the scan), is larger than any image of the pixel limit can be, or a
+folder that cannot be listed or leads outside the root becomes an ``ItemError`` of its own. Ids and labels
+of names that are not UTF-8 show the bytes as ``\\xNN`` (the file is still read by its real name).
+Streamed items arrive as ``DatasetItem`` messages after the request's spec.
 
 Either way the scan sees a sequence of :class:`Item` whose pixels are decoded lazily, so an unreadable
 image becomes an ``ItemError`` for that item alone. :func:`batches` decodes ahead in a pool of threads
@@ -18,6 +25,7 @@ import functools
 import logging
 import os
 import queue
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -27,13 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from convscope.images import IMAGE_EXTENSIONS, readable_text
 from convscope_server.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from convscope_server.images import encoded_to_input, to_model_input
-from convscope_server.onnx.loading import inside
+from convscope_server.onnx.loading import _kind, inside
 
 log = logging.getLogger("convscope_server")
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+BYTES_PER_PIXEL = 8   # a file over max_pixels * 8 bytes (16-bit RGBA, uncompressed) + 1 MiB is no image we take
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Item:
                                      # only the file path or the message as sent, so patch scans keep it
                                      # (not decoded pixels) for the images they may crop at the end
     path: Path | None = None         # the file, for items of a dataset folder (Ray scans decode it there)
+    problem: str = ""                # why a dataset folder's entry cannot be scanned (its load raises it)
 
 
 @dataclass
@@ -79,6 +89,10 @@ class DataRoot:
             raise InvalidArgument(field, f"{name!r}: '..' is not allowed; datasets are folders under the data root")
         if len(name) > 1024 or "\0" in name:
             raise InvalidArgument(field, f"{name[:64]!r}...: not a folder name (too long, or holds NUL)")
+        if not Path(name).parts:
+            raise InvalidArgument(field, f"{name!r}: name a dataset folder under the data root, not the root itself")
+        if any(part.startswith(".") for part in Path(name).parts):
+            raise InvalidArgument(field, f"{name!r}: hidden folders (names starting with '.') are not datasets")
         folder = self.root / name
         try:
             outside, missing = not inside(folder, self.root), not folder.is_dir()
@@ -92,15 +106,19 @@ class DataRoot:
         return folder
 
     def summaries(self) -> list:
-        """(name, image count, labels) of every top-level dataset folder."""
+        """(name, image count, labels) of every top-level dataset folder: what a scan of it would go
+        through (its items, unreadable ones included) and the labels its items carry."""
         if self.root is None or not self.root.is_dir():
             return []
         found = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not inside(folder, self.root):
+        for name, path, _ in _entries(self.root):
+            if path is None or not path.is_dir() or not inside(path, self.root):
                 continue
-            labels = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-            found.append(DatasetSummary(folder.name, count_images(folder), labels))
+            count, labels = 0, set()
+            for entry in _walk(path, self.root):
+                count += 1
+                labels.add(entry.label)
+            found.append(DatasetSummary(readable_text(name), count, sorted(labels - {""})))
         return found
 
 
@@ -111,37 +129,95 @@ class DatasetSummary:
     labels: list[str]
 
 
-def _image_files(folder: Path) -> Iterator[Path]:
-    """Image files under ``folder`` in sorted path order, without listing the whole tree at once."""
-    for current, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield Path(current) / name
+@dataclass
+class _Entry:
+    path: Path
+    parts: tuple[str, ...]   # relative to the dataset folder
+    problem: str = ""        # why it cannot be scanned ("" for an image file to decode)
+
+    @property
+    def id(self) -> str:
+        return readable_text("/".join(self.parts)) + ("/" if self.problem.startswith("folder") else "")
+
+    @property
+    def label(self) -> str:
+        return readable_text(self.parts[0]) if len(self.parts) > 1 else ""
 
 
-def count_images(folder: Path) -> int:
-    return sum(1 for _ in _image_files(folder))
+def _entries(folder: Path) -> list[tuple[str, Path | None, str]]:
+    """(name, path, "") of a folder's visible entries sorted by name, or [("", None, why)] when it cannot be
+    listed."""
+    try:
+        names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    except OSError as error:
+        return [("", None, error.strerror or str(error))]
+    return [(name, folder / name, "") for name in names]
+
+
+def _walk(folder: Path, root: Path, parts: tuple[str, ...] = (), seen: frozenset = frozenset()) -> Iterator[_Entry]:
+    """The items of ``folder`` in sorted path order, lazily (one folder's listing at a time)."""
+    seen = seen | {os.path.realpath(folder)}
+    for name, path, problem in _entries(folder):
+        if path is None:
+            yield _Entry(folder, parts, f"folder cannot be listed: {problem}")
+            continue
+        here = (*parts, name)
+        try:
+            is_folder = path.is_dir()
+        except OSError:
+            is_folder = False
+        if is_folder:
+            if not inside(path, root):
+                yield _Entry(path, here, "folder resolves outside the data root: refused")
+            elif os.path.realpath(path) in seen:
+                yield _Entry(path, here, "folder is a link back to a folder it is in (a loop): skipped")
+            else:
+                yield from _walk(path, root, here, seen)
+        elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            yield _Entry(path, here)
+
+
+def count_images(folder: Path, root: Path | None = None) -> int:
+    """The items a scan of ``folder`` goes through (unreadable ones included)."""
+    return sum(1 for _ in _walk(folder, root or folder))
 
 
 def folder_items(folder: Path, root: Path, config, max_pixels: int) -> Iterator[Item]:
-    """The images of a dataset folder as lazily decoded items."""
-    for index, path in enumerate(_image_files(folder)):
-        relative = path.relative_to(folder)
-        label = relative.parts[0] if len(relative.parts) > 1 else ""
-        yield Item(index, relative.as_posix(), label, functools.partial(load_file, path, root, config, max_pixels),
-                   path)
+    """The images of a dataset folder as lazily decoded items (one that cannot be scanned fails on load)."""
+    for index, entry in enumerate(_walk(folder, root)):
+        load = (functools.partial(_refused, entry.problem) if entry.problem else
+                functools.partial(load_file, entry.path, root, config, max_pixels))
+        yield Item(index, entry.id, entry.label, load, None if entry.problem else entry.path, entry.problem)
+
+
+def _refused(problem: str) -> np.ndarray:
+    raise InvalidArgument("file", problem)
 
 
 def load_file(path: Path, root: Path, config, max_pixels: int) -> np.ndarray:
-    """One dataset file as a model input; files resolving outside ``root`` (symlinks) are refused."""
+    """One dataset file as a model input. Refused: files resolving outside ``root`` (symlinks), anything
+    but a regular file (a FIFO would block the read), and files larger than an image within ``max_pixels``
+    can be (read whole, a huge one would hold the memory and the decode thread)."""
     if not inside(path, root):
         raise InvalidArgument("file", "resolves outside the data root: refused")
+    limit = max_pixels * BYTES_PER_PIXEL + (1 << 20)
     try:
-        data = path.read_bytes()
+        with open(path, "rb", opener=_nonblocking) as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidArgument("file", f"is {_kind(info.st_mode)}, not a regular file: refused")
+            if info.st_size > limit:
+                raise InvalidArgument("file", f"is {info.st_size} bytes, over the {limit} an image of at most "
+                                      f"{max_pixels} pixels can take (--max-image-pixels)")
+            data = file.read()
     except OSError as error:
         raise InvalidArgument("file", f"cannot read: {error.strerror or error}") from None
     return encoded_to_input(data, config, "image", max_pixels, draft=True)
+
+
+def _nonblocking(path, flags):
+    """Open without blocking: a FIFO opened for reading would wait for a writer (fstat then refuses it)."""
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def stream_items(messages: Iterable, config, max_pixels: int) -> Iterator[Item]:
@@ -253,6 +329,12 @@ def batches(items: Iterator[Item], size: int, on_failure: Callable[[ItemFailure]
     finally:
         done.set()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def no_readable_images(failures: list[ItemFailure]) -> InvalidArgument:
+    """The error of a scan in which no image could be read: how many failed and why the first did."""
+    first = f" (the first, {failures[0].id}: {failures[0].reason})" if failures else ""
+    return InvalidArgument("spec.source", f"no readable images: all {len(failures)} items failed{first}")
 
 
 def item_failure(index: int, item_id: str, error: Exception) -> ItemFailure:

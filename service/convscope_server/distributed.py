@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from convscope_server.datasets import Item, ItemFailure, item_failure, load_file
-from convscope_server.errors import Unavailable
+from convscope_server.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger("convscope_server")
 
@@ -142,7 +142,8 @@ class Cluster:
         progress(0, len(items), f"starting {actors} Ray actor{'s' * (actors != 1)} on {nodes} "
                                 f"node{'s' * (nodes != 1)}")
         per_block = plan.run_batch * max(1, math.ceil(len(items) / (plan.run_batch * 1000)))
-        rows = [{"index": item.index, "id": item.id, "path": str(item.path)} for item in items]
+        rows = [{"index": item.index, "id": item.id, "path": str(item.path or ""), "problem": item.problem}
+                for item in items]
         dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_block)))
         dataset.context.execution_options.preserve_order = True
         model_ref = ray.put(model_bytes)   # held here until the scan ends: a restarted actor reads it again
@@ -281,6 +282,8 @@ def _decode(batch: dict, root: str, config, max_pixels: int, shape) -> dict:
     base = Path(root)
     for row in range(count):
         try:
+            if batch["problem"][row]:   # listed on the driver as unscannable (a FIFO, an unlistable folder ...)
+                raise InvalidArgument("file", str(batch["problem"][row]))
             inputs[row] = load_file(Path(str(batch["path"][row])), base, config, max_pixels)
             ok[row] = True
         except Exception as error:  # noqa: BLE001 - an unreadable item is reported, never fatal

@@ -13,7 +13,7 @@ from convscope_server.api.common import positive, stream_within
 from convscope_server.api.gallery_methods import GalleryMethods
 from convscope_server.api.model_service import require_model
 from convscope_server.api.scans import ScanSource, channel_count, first_spec, on_cluster, scan_events
-from convscope_server.datasets import DataRoot, batches
+from convscope_server.datasets import DataRoot, batches, no_readable_images
 from convscope_server.errors import InvalidArgument, ResourceExhausted
 from convscope_server.forward import activations as acts
 from convscope_server.forward import patches as top
@@ -90,8 +90,11 @@ class DatasetService(GalleryMethods, dataset_pb2_grpc.DatasetServiceServicer):
                                       failed, progress, should_stop, "scanning on the Ray cluster")
             if should_stop() or report.stopped:
                 return None
+            readable = report.merged - len(failures)
+            if not readable:
+                raise no_readable_images(failures)
             kept = {i: (items[i].id, items[i].load) for i in table.referenced()}
-            result = self._patch_result(spec, model, layer, table, kept, spatial, grid_width, report.merged,
+            result = self._patch_result(spec, model, layer, table, kept, spatial, grid_width, readable,
                                         len(failures), render_channels, tile)
             result.placement = dataset_pb2.PLACEMENT_CLUSTER
             result.execution_provider = report.provider or model.execution_provider
@@ -102,14 +105,15 @@ class DatasetService(GalleryMethods, dataset_pb2_grpc.DatasetServiceServicer):
                 return on_the_cluster(progress, should_stop, emit)
             table = top.TopActivations(channels, k)
             kept: dict[int, tuple] = {}  # scan index -> (id, loader) of the images some channel keeps
-            failures = {"count": 0, "end": 0}  # unreadable items, and the scan position after the last one
+            failures = []
+            readable, done = 0, 0
 
             def failed(failure):
-                failures["count"] += 1
-                failures["end"] = failure.index + 1
+                failures.append(failure)
                 emit("item_error", failure)
+                if failure.index + 1 > done + 8 * model.run_batch:   # a long run of unreadable items shows too
+                    progress(failure.index + 1, source.total, "scanning")
 
-            done = 0
             for batch in batches(source.items, model.run_batch, failed, should_stop,
                                  self.limits.decode_workers):
                 values = backend.tensors(batch.inputs, [layer.name])[layer.name]
@@ -120,12 +124,15 @@ class DatasetService(GalleryMethods, dataset_pb2_grpc.DatasetServiceServicer):
                         kept[index] = (batch.ids[row], batch.loaders[row])
                 for index in [i for i in kept if i not in keep]:
                     del kept[index]
-                done = batch.indices[-1] + 1
+                done, readable = batch.indices[-1] + 1, readable + len(batch.indices)
                 progress(done, source.total, "scanning")
             if should_stop():
                 return None
-            return self._patch_result(spec, model, layer, table, kept, spatial, grid_width,
-                                      max(done, failures["end"]), failures["count"], render_channels, tile)
+            if not readable:
+                raise no_readable_images(failures)
+            progress(max(done, failures[-1].index + 1 if failures else 0), source.total, "scanning")
+            return self._patch_result(spec, model, layer, table, kept, spatial, grid_width, readable,
+                                      len(failures), render_channels, tile)
 
         yield from scan_events(dataset_pb2.TopPatchesEvent, stream_within(context, work, started, self.limits,
                                                                        emits=True), lambda result: result)

@@ -14,7 +14,7 @@ from convscope_server.api.common import (check_finite, finite, non_negative, pos
                                          stream_within)
 from convscope_server.api.model_service import require_model
 from convscope_server.api.scans import ScanSource, first_spec, on_cluster, scan_events
-from convscope_server.datasets import batches
+from convscope_server.datasets import batches, no_readable_images
 from convscope_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from convscope_server.forward import embedding as embed
 from convscope_server.forward.backend import OrtBackend
@@ -55,7 +55,11 @@ class GalleryMethods:
             writer, published = None, False
             try:
                 writer = self.galleries.writer(dim, side)
-                done = 0
+                done, failures = 0, []
+
+                def failed(failure):
+                    failures.append(failure)
+                    emit("item_error", failure)
                 if remote:
                     items = list(source.items)
 
@@ -66,12 +70,11 @@ class GalleryMethods:
                     plan = distributed.gallery_plan(model, layer.name, side, self.data_root.root,
                                                     self.limits.max_image_pixels)
                     report = self.cluster.run(plan, distributed.probe_bytes(model, outputs), items, write,
-                                              lambda failure: emit("item_error", failure), progress, should_stop,
-                                              "encoding on the Ray cluster")
+                                              failed, progress, should_stop, "encoding on the Ray cluster")
                     done = report.merged
                 else:
-                    for batch in batches(source.items, model.run_batch, lambda failure: emit("item_error", failure),
-                                         should_stop, self.limits.decode_workers):
+                    for batch in batches(source.items, model.run_batch, failed, should_stop,
+                                         self.limits.decode_workers):
                         values = backend.tensors(batch.inputs, outputs)
                         thumbs = [thumbnail(render.display_image(x, model.config), side) for x in batch.inputs]
                         writer.add(values[layer.name].reshape(len(batch.inputs), -1), np.stack(thumbs), batch.ids,
@@ -82,7 +85,7 @@ class GalleryMethods:
                 if should_stop():
                     return None
                 if not writer.ids:
-                    raise InvalidArgument("spec.source", "no readable images: the gallery would be empty")
+                    raise no_readable_images(failures)
                 progress(done, source.total, "writing")
                 meta = {"model": model.name, "model_fingerprint": model.fingerprint, "layer": layer.name,
                         "source": source.name}

@@ -34,8 +34,8 @@ class ScanSource:
                                     f"{limits.max_scan_images} (--max-scan-images)")
         config, max_pixels = model.config, limits.max_image_pixels
         if source.dataset:
-            folder = data_root.folder(source.dataset)
-            count = count_images(folder)
+            folder = data_root.folder(source.dataset, "spec.source.dataset")
+            count = count_images(folder, data_root.root)
             if count == 0:
                 raise InvalidArgument("spec.source.dataset", f"{source.dataset!r} holds no images")
             self.total = min(count, source.limit) if source.limit else count

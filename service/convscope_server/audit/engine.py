@@ -16,7 +16,8 @@ import numpy as np
 from convscope_server.audit import card, robustness, sections
 from convscope_server.audit.faithfulness import faithfulness
 from convscope_server.audit.scan import class_mapping, scan
-from convscope_server.errors import InvalidArgument, NotFound
+from convscope_server.datasets import no_readable_images
+from convscope_server.errors import NotFound
 from convscope_server.forward import activations as acts
 from convscope_server.forward.backend import OrtBackend
 from convscope_server.forward.occlusion import occlusion
@@ -185,9 +186,7 @@ def run_audit(model, items: Iterator, torch_model, budget: AuditBudget = AuditBu
     if should_stop():
         return None
     if not result.ids:
-        first = f" (the first, {result.failures[0].id}: {result.failures[0].reason})" if result.failures else ""
-        raise InvalidArgument("spec.source", f"no readable images: all {len(result.failures)} items failed{first}; "
-                              "an audit needs at least one")
+        raise no_readable_images(result.failures)
     report["dataset"] = {"images": len(result.ids), "skipped": [{"id": f.id, "reason": f.reason}
                                                                 for f in result.failures]}
     clock.enter("sections")
