@@ -111,8 +111,9 @@ class DataRoot:
         if self.root is None or not self.root.is_dir():
             return []
         found = []
-        for name, path, _ in _entries(self.root):
-            if path is None or not path.is_dir() or not inside(path, self.root):
+        for name, is_folder in _entries(self.root)[0]:
+            path = self.root / name
+            if not is_folder or not inside(path, self.root):
                 continue
             count, labels = 0, set()
             for entry in _walk(path, self.root):
@@ -144,28 +145,33 @@ class _Entry:
         return readable_text(self.parts[0]) if len(self.parts) > 1 else ""
 
 
-def _entries(folder: Path) -> list[tuple[str, Path | None, str]]:
-    """(name, path, "") of a folder's visible entries sorted by name, or [("", None, why)] when it cannot be
-    listed."""
+def _entries(folder: Path) -> tuple[list[tuple[str, bool]], str]:
+    """((name, is a folder) of a folder's visible entries sorted by name, "") or ([], why it cannot be
+    listed). From one ``scandir``: the entry types come with the listing, no stat per file."""
     try:
-        names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+        with os.scandir(folder) as listing:
+            found = []
+            for entry in listing:
+                if not entry.name.startswith("."):
+                    try:
+                        found.append((entry.name, entry.is_dir()))   # follows a symlink, as walking does
+                    except OSError:
+                        found.append((entry.name, False))
     except OSError as error:
-        return [("", None, error.strerror or str(error))]
-    return [(name, folder / name, "") for name in names]
+        return [], error.strerror or str(error)
+    return sorted(found), ""
 
 
 def _walk(folder: Path, root: Path, parts: tuple[str, ...] = (), seen: frozenset = frozenset()) -> Iterator[_Entry]:
     """The items of ``folder`` in sorted path order, lazily (one folder's listing at a time)."""
     seen = seen | {os.path.realpath(folder)}
-    for name, path, problem in _entries(folder):
-        if path is None:
-            yield _Entry(folder, parts, f"folder cannot be listed: {problem}")
+    entries, problem = _entries(folder)
+    if problem:
+        yield _Entry(folder, parts, f"folder cannot be listed: {problem}")
+    for name, is_folder in entries:
+        if not is_folder and os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
             continue
-        here = (*parts, name)
-        try:
-            is_folder = path.is_dir()
-        except OSError:
-            is_folder = False
+        path, here = folder / name, (*parts, name)
         if is_folder:
             if not inside(path, root):
                 yield _Entry(path, here, "folder resolves outside the data root: refused")
@@ -173,7 +179,7 @@ def _walk(folder: Path, root: Path, parts: tuple[str, ...] = (), seen: frozenset
                 yield _Entry(path, here, "folder is a link back to a folder it is in (a loop): skipped")
             else:
                 yield from _walk(path, root, here, seen)
-        elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+        else:
             yield _Entry(path, here)
 
 
