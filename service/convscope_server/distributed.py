@@ -87,8 +87,8 @@ class Cluster:
         else:
             options = {"log_to_driver": False, "configure_logging": False}
             try:
-                if self.address == "local":
-                    ray.init(include_dashboard=False, **options)
+                if self.address == "local":   # "local": a new instance, never the last `ray start` cluster
+                    ray.init(address="local", include_dashboard=False, **options)
                 else:
                     ray.init(address=self.address, **options)
             except Exception as error:  # noqa: BLE001 - any failure to connect is the flag's
