@@ -106,12 +106,13 @@ class DatasetService(GalleryMethods, dataset_pb2_grpc.DatasetServiceServicer):
             table = top.TopActivations(channels, k)
             kept: dict[int, tuple] = {}  # scan index -> (id, loader) of the images some channel keeps
             failures = []
-            readable, done = 0, 0
+            readable, done, shown = 0, 0, [0]   # shown: the position progress last reported
 
-            def failed(failure):
+            def failed(failure):   # on the decode reader's thread (events are a queue)
                 failures.append(failure)
                 emit("item_error", failure)
-                if failure.index + 1 > done + 8 * model.run_batch:   # a long run of unreadable items shows too
+                if failure.index + 1 >= shown[0] + model.run_batch:   # a long run of unreadable items shows too
+                    shown[0] = failure.index + 1
                     progress(failure.index + 1, source.total, "scanning")
 
             for batch in batches(source.items, model.run_batch, failed, should_stop,
@@ -125,7 +126,8 @@ class DatasetService(GalleryMethods, dataset_pb2_grpc.DatasetServiceServicer):
                 for index in [i for i in kept if i not in keep]:
                     del kept[index]
                 done, readable = batch.indices[-1] + 1, readable + len(batch.indices)
-                progress(done, source.total, "scanning")
+                shown[0] = max(shown[0], done)   # never backwards past a run of failures already shown
+                progress(shown[0], source.total, "scanning")
             if should_stop():
                 return None
             if not readable:
