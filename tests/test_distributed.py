@@ -397,6 +397,40 @@ def test_a_server_process_joins_the_cluster_by_address(ray_cluster, cluster_serv
             process.wait(30)
 
 
+def test_a_server_with_its_own_local_cluster_scans_and_stops_it(cluster_server, repository, scan_root, tmp_path):
+    """`convscope-server --ray local --ray-by-default`: the server starts a one-machine cluster of its own
+    (not the module's, which is running: a new instance, never the last one started here), scans there
+    by default with the single-machine result, and on SIGTERM stops every Ray process it started."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "convscope_server.app", "--port", "0", "--repository", str(repository),
+         "--data-root", str(scan_root), "--gallery-root", str(tmp_path / "galleries"), "--audit-root",
+         str(tmp_path / "audits"), "--gradient-warmup", "false", "--ray", "local", "--ray-by-default", "true",
+         "--ray-actors", "1", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=(tmp_path / "server.log").open("w"), text=True)
+    try:
+        line = process.stdout.readline()
+        assert "ray: local" in line, line + (tmp_path / "server.log").read_text()
+        port = int(re.search(r"listening on \S+:(\d+)", line).group(1))
+        started = [p for p in children(process.pid) if "raylet" in command(p) or "gcs_server" in command(p)]
+        assert len(started) >= 2, "the server started no Ray node of its own"
+        with Client(f"localhost:{port}", timeout=300) as own:
+            scan = own.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True)
+        reference = cluster_server.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
+                                               placement="server")
+        assert scan.placement == "cluster"
+        assert_same_patches(scan, reference)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        deadline = time.monotonic() + 30
+        while [p for p in started if running(p)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [command(p) for p in started if running(p)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
 def test_rows_are_handed_on_once_each_in_index_order_whatever_arrives():
     """The driver's merge order: batches out of order, a batch re-run after a worker died (rows again, split
     differently), failures between readable rows -> each index once, readable runs and failures in order."""
