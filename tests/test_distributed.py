@@ -8,6 +8,7 @@ driving it (``--ray auto`` finds this process's connection), called through the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -369,52 +370,53 @@ def test_the_cli_scans_on_the_cluster(cluster_server, tmp_path, capsys):
     assert (tmp_path / "audit" / "index.html").is_file()
 
 
-def test_a_server_process_joins_the_cluster_by_address(ray_cluster, cluster_server, repository, scan_root, tmp_path):
-    """`convscope-server --ray HOST:PORT` as deployed: a separate process joining the running cluster as a
-    driver; its scan equals the single-machine one, and SIGTERM leaves the cluster and exits 0."""
-    address = ray_cluster.get_runtime_context().gcs_address
+@contextlib.contextmanager
+def server_process(repository: Path, scan_root: Path, tmp_path: Path, *ray_flags: str):
+    """`convscope-server ... --ray ...` as deployed, in a process of its own: yields (the process, a client
+    on its port, its listening line); killed if the test did not stop it."""
     process = subprocess.Popen(
         [sys.executable, "-m", "convscope_server.app", "--port", "0", "--repository", str(repository),
          "--data-root", str(scan_root), "--gallery-root", str(tmp_path / "galleries"), "--audit-root",
-         str(tmp_path / "audits"), "--gradient-warmup", "false", "--ray", address, "--log-level", "WARNING"],
+         str(tmp_path / "audits"), "--gradient-warmup", "false", "--log-level", "WARNING", *ray_flags],
         stdout=subprocess.PIPE, stderr=(tmp_path / "server.log").open("w"), text=True)
     try:
         line = process.stdout.readline()
-        assert f"ray: {address}" in line, line + (tmp_path / "server.log").read_text()
-        port = int(re.search(r"listening on \S+:(\d+)", line).group(1))
-        with Client(f"localhost:{port}", timeout=300) as joined:
-            scan = joined.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
-                                      placement="cluster")
-        reference = cluster_server.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
-                                               placement="server")
-        assert scan.placement == "cluster"
-        assert_same_patches(scan, reference)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        found = re.search(r"listening on \S+:(\d+)", line)
+        assert found, line + (tmp_path / "server.log").read_text()
+        with Client(f"localhost:{found.group(1)}", timeout=300) as client:
+            yield process, client, line
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(30)
 
 
+def test_a_server_process_joins_the_cluster_by_address(ray_cluster, cluster_server, repository, scan_root, tmp_path):
+    """`convscope-server --ray HOST:PORT`: a separate process joining the running cluster as a driver; its
+    scan equals the single-machine one, and SIGTERM leaves the cluster and exits 0."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    with server_process(repository, scan_root, tmp_path, "--ray", address) as (process, joined, line):
+        assert f"ray: {address}" in line
+        scan = joined.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
+                                  placement="cluster")
+        reference = cluster_server.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
+                                               placement="server")
+        assert scan.placement == "cluster"
+        assert_same_patches(scan, reference)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+
+
 def test_a_server_with_its_own_local_cluster_scans_and_stops_it(cluster_server, repository, scan_root, tmp_path):
     """`convscope-server --ray local --ray-by-default`: the server starts a one-machine cluster of its own
     (not the module's, which is running: a new instance, never the last one started here), scans there
     by default with the single-machine result, and on SIGTERM stops every Ray process it started."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "convscope_server.app", "--port", "0", "--repository", str(repository),
-         "--data-root", str(scan_root), "--gallery-root", str(tmp_path / "galleries"), "--audit-root",
-         str(tmp_path / "audits"), "--gradient-warmup", "false", "--ray", "local", "--ray-by-default", "true",
-         "--ray-actors", "1", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=(tmp_path / "server.log").open("w"), text=True)
-    try:
-        line = process.stdout.readline()
-        assert "ray: local" in line, line + (tmp_path / "server.log").read_text()
-        port = int(re.search(r"listening on \S+:(\d+)", line).group(1))
+    flags = ("--ray", "local", "--ray-by-default", "true", "--ray-actors", "1")
+    with server_process(repository, scan_root, tmp_path, *flags) as (process, own, line):
+        assert "ray: local" in line
         started = [p for p in children(process.pid) if "raylet" in command(p) or "gcs_server" in command(p)]
         assert len(started) >= 2, "the server started no Ray node of its own"
-        with Client(f"localhost:{port}", timeout=300) as own:
-            scan = own.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True)
+        scan = own.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True)
         reference = cluster_server.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
                                                placement="server")
         assert scan.placement == "cluster"
@@ -425,10 +427,6 @@ def test_a_server_with_its_own_local_cluster_scans_and_stops_it(cluster_server, 
         while [p for p in started if running(p)] and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [command(p) for p in started if running(p)]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
 
 
 def test_rows_are_handed_on_once_each_in_index_order_whatever_arrives():
