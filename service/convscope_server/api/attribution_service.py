@@ -54,11 +54,15 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
         self.bridges = bridges
         self.limits = limits
 
-    def _prepare(self, request, budget=None):
-        """(model, torch model, sample, target) for a request with model, image and optional target."""
+    def _prepare(self, request, budget=None, needs_class: bool = True):
+        """(model, torch model, sample, target) for a request with model, image and optional target. A request
+        that explains a layer's unit, not a class (``needs_class`` False), also serves a model with no class
+        scores: its target is then 0 and unused."""
         model = require_model(self.repository, request.model)
         torch_model = self.bridges.get(model)
         sample = single_input(model, request, self.limits, budget or Budget())
+        if not needs_class and model.no_classes:
+            return model, torch_model, sample, 0
         target = resolve_target(model, OrtBackend(model), request, sample)
         return model, torch_model, sample, target
 
@@ -144,7 +148,7 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
                 yield attribution_pb2.AttributionEvent(result=result)
 
     def GuidedBackprop(self, request, context):
-        model, torch_model, sample, target = self._prepare(request)
+        model, torch_model, sample, target = self._prepare(request, needs_class=not request.layer)
         channel_axis, _ = input_axes(model)
         rule = {attribution_pb2.BACKPROP_GUIDED: "guided", attribution_pb2.BACKPROP_DECONVNET: "deconvnet"}.get(
             request.rule)
@@ -165,6 +169,8 @@ class AttributionService(attribution_pb2_grpc.AttributionServiceServicer):
                                                channel_of_layer, position)
         result = self._result(model, sample, target, grads, attribution.saliency_map(grads, channel_axis), 1,
                               request.render)
+        if model.no_classes:   # a unit of the layer was explained; there is no class to name
+            result.label = ""
         if not backprop.rectifiers(torch_model):
             result.note = backprop.NO_RECTIFIER
         return result
