@@ -391,18 +391,23 @@ def server_process(repository: Path, scan_root: Path, tmp_path: Path, *ray_flags
             process.wait(30)
 
 
+def assert_cluster_scan_equals_the_server_scan(client, server_client, **placement):
+    """The patch scan of many/ by ``client`` (a server process) ran on a cluster and equals the
+    single-machine scan of the in-process server."""
+    scan = client.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True, **placement)
+    reference = server_client.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
+                                          placement="server")
+    assert scan.placement == "cluster"
+    assert_same_patches(scan, reference)
+
+
 def test_a_server_process_joins_the_cluster_by_address(ray_cluster, cluster_server, repository, scan_root, tmp_path):
     """`convscope-server --ray HOST:PORT`: a separate process joining the running cluster as a driver; its
     scan equals the single-machine one, and SIGTERM leaves the cluster and exits 0."""
     address = ray_cluster.get_runtime_context().gcs_address
     with server_process(repository, scan_root, tmp_path, "--ray", address) as (process, joined, line):
         assert f"ray: {address}" in line
-        scan = joined.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
-                                  placement="cluster")
-        reference = cluster_server.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
-                                               placement="server")
-        assert scan.placement == "cluster"
-        assert_same_patches(scan, reference)
+        assert_cluster_scan_equals_the_server_scan(joined, cluster_server, placement="cluster")
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
 
@@ -416,11 +421,7 @@ def test_a_server_with_its_own_local_cluster_scans_and_stops_it(cluster_server, 
         assert "ray: local" in line
         started = [p for p in children(process.pid) if "raylet" in command(p) or "gcs_server" in command(p)]
         assert len(started) >= 2, "the server started no Ray node of its own"
-        scan = own.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True)
-        reference = cluster_server.top_patches("tiny", "/conv3/Conv_output_0", dataset="many", k=4, patches=True,
-                                               placement="server")
-        assert scan.placement == "cluster"
-        assert_same_patches(scan, reference)
+        assert_cluster_scan_equals_the_server_scan(own, cluster_server)   # by default, on its cluster
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
         deadline = time.monotonic() + 30
