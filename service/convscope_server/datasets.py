@@ -38,7 +38,7 @@ import numpy as np
 from convscope.images import IMAGE_EXTENSIONS, readable_text
 from convscope_server.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from convscope_server.images import encoded_to_input, to_model_input
-from convscope_server.onnx.loading import _kind, inside
+from convscope_server.onnx.loading import file_kind, inside
 
 log = logging.getLogger("convscope_server")
 
@@ -135,10 +135,11 @@ class _Entry:
     path: Path
     parts: tuple[str, ...]   # relative to the dataset folder
     problem: str = ""        # why it cannot be scanned ("" for an image file to decode)
+    folder: bool = False     # a folder that cannot be walked (its id ends in "/")
 
     @property
     def id(self) -> str:
-        return readable_text("/".join(self.parts)) + ("/" if self.problem.startswith("folder") else "")
+        return readable_text("/".join(self.parts)) + ("/" if self.folder else "")
 
     @property
     def label(self) -> str:
@@ -167,25 +168,26 @@ def _walk(folder: Path, root: Path, parts: tuple[str, ...] = (), seen: frozenset
     seen = seen | {os.path.realpath(folder)}
     entries, problem = _entries(folder)
     if problem:
-        yield _Entry(folder, parts, f"folder cannot be listed: {problem}")
+        yield _Entry(folder, parts, f"folder cannot be listed: {problem}", folder=True)
     for name, is_folder in entries:
         if not is_folder and os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
             continue
         path, here = folder / name, (*parts, name)
         if is_folder:
             if not inside(path, root):
-                yield _Entry(path, here, "folder resolves outside the data root: refused")
+                yield _Entry(path, here, "folder resolves outside the data root: refused", folder=True)
             elif os.path.realpath(path) in seen:
-                yield _Entry(path, here, "folder is a link back to a folder it is in (a loop): skipped")
+                yield _Entry(path, here, "folder is a link back to a folder it is in (a loop): skipped",
+                             folder=True)
             else:
                 yield from _walk(path, root, here, seen)
         else:
             yield _Entry(path, here)
 
 
-def count_images(folder: Path, root: Path | None = None) -> int:
-    """The items a scan of ``folder`` goes through (unreadable ones included)."""
-    return sum(1 for _ in _walk(folder, root or folder))
+def count_images(folder: Path, root: Path) -> int:
+    """The items a scan of ``folder`` (under the data root ``root``) goes through, unreadable ones included."""
+    return sum(1 for _ in _walk(folder, root))
 
 
 def folder_items(folder: Path, root: Path, config, max_pixels: int) -> Iterator[Item]:
@@ -211,7 +213,7 @@ def load_file(path: Path, root: Path, config, max_pixels: int) -> np.ndarray:
         with open(path, "rb", opener=_nonblocking) as file:
             info = os.fstat(file.fileno())
             if not stat.S_ISREG(info.st_mode):
-                raise InvalidArgument("file", f"is {_kind(info.st_mode)}, not a regular file: refused")
+                raise InvalidArgument("file", f"is {file_kind(info.st_mode)}, not a regular file: refused")
             if info.st_size > limit:
                 raise InvalidArgument("file", f"is {info.st_size} bytes, over the {limit} an image of at most "
                                       f"{max_pixels} pixels can take (--max-image-pixels)")

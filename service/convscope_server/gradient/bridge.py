@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from convscope_server.errors import FailedPrecondition
+from convscope_server.onnx.graph import read_names, subgraphs
 
 log = logging.getLogger("convscope_server")
 
@@ -349,26 +350,6 @@ PARAMETER_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "Ba
                     "InstanceNormalization": (1, 2)}
 
 
-def _subgraphs(node):
-    import onnx
-
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            yield attribute.g
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            yield from attribute.graphs
-
-
-def _read_names(graph) -> set[str]:
-    """Every tensor name a node of ``graph`` reads, subgraphs (which may read the outer graph's) included."""
-    read = set()
-    for node in graph.node:
-        read.update(node.input)
-        for subgraph in _subgraphs(node):
-            read |= _read_names(subgraph)
-    return read
-
-
 def _float_types(proto) -> set[int]:
     """The ONNX float element types the graph stores or computes in: initializers, Constant values, Cast
     targets, and the declared types of its inputs, outputs and inferred tensors (subgraphs included)."""
@@ -387,7 +368,7 @@ def _float_types(proto) -> set[int]:
                     found.add(attribute.t.data_type)
                 elif node.op_type == "Cast" and attribute.name == "to":
                     found.add(attribute.i)
-            for subgraph in _subgraphs(node):
+            for subgraph in subgraphs(node):
                 visit(subgraph)
 
     visit(proto.graph)
@@ -451,7 +432,7 @@ def _widen_to_float32(graph, kinds: set[int]) -> None:
                                                          ("RandomNormalLike", "dtype"),
                                                          ("RandomUniformLike", "dtype"))):
                 attribute.i = onnx.TensorProto.FLOAT
-        for subgraph in _subgraphs(node):
+        for subgraph in subgraphs(node):
             _widen_to_float32(subgraph, kinds)
 
 
@@ -529,7 +510,7 @@ def _constant_parameters(graph) -> int:
             name = graph.node[sources[name]].input[0] if graph.node[sources[name]].input else ""
     outputs = {o.name for o in graph.output}
     for index in sorted(chain, reverse=True):  # the last first: a chain's nodes become unread in turn
-        read = _read_names(graph)
+        read = read_names(graph)
         if not any(out in read or out in outputs for out in graph.node[index].output):
             del graph.node[index]
     return rewired

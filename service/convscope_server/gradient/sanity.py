@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from convscope_server.onnx.graph import read_names, subgraphs
+
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 0..n-1, tied values sharing the mean of their ranks (CAMs have many zeros after the ReLU)."""
@@ -41,20 +43,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 SHAPE_ONLY = ("Shape", "Size")
 
 
-def _subgraph_reads(node) -> set[str]:
-    """Names the subgraphs of ``node`` (If / Loop / Scan bodies) read, including the outer graph's."""
-    import onnx
-
-    read: set[str] = set()
-    for attribute in node.attribute:
-        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        for graph in graphs:
-            for inner in graph.node:
-                read.update(inner.input)
-                read |= _subgraph_reads(inner)
-    return read
-
-
 def ancestors(proto, output: str) -> set[str]:
     """Names of the tensors whose values ``output`` depends on, ``output`` included: the graph walked back
     from it through every node's inputs (and what its subgraphs read), except the inputs of ops that read
@@ -69,7 +57,8 @@ def ancestors(proto, output: str) -> set[str]:
         node = producer.get(name)
         if node is None or node.op_type in SHAPE_ONLY:
             continue
-        pending.extend(n for n in (*node.input, *_subgraph_reads(node)) if n and n not in found)
+        inner = set().union(*(read_names(graph) for graph in subgraphs(node)))   # If / Loop bodies
+        pending.extend(n for n in (*node.input, *inner) if n and n not in found)
     return found
 
 

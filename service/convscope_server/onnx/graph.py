@@ -285,6 +285,26 @@ def shape_only(model: onnx.ModelProto, name: str, image_input: str) -> bool:
     return True
 
 
+def subgraphs(node: onnx.NodeProto):
+    """The graphs a node holds as attributes (If branches, Loop / Scan bodies)."""
+    for value in node.attribute:
+        if value.type == onnx.AttributeProto.GRAPH:
+            yield value.g
+        elif value.type == onnx.AttributeProto.GRAPHS:
+            yield from value.graphs
+
+
+def read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` reads, its subgraphs' reads (which may be the outer graph's)
+    included."""
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for inner in subgraphs(node):
+            read |= read_names(inner)
+    return read
+
+
 def opset_version(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 

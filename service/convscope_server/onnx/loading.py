@@ -30,7 +30,7 @@ def inside(path: Path, folder: Path) -> bool:
     return True
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
     return next((name for test, name in kinds if test(mode)), "not a plain file")
@@ -48,7 +48,7 @@ def open_regular(path: Path, folder: Path, what: str) -> int:
     except OSError as error:
         raise ModelLoadError(f"{what} cannot be read: {error.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise ModelLoadError(f"{what} is {_kind(info.st_mode)}, not a regular file: refused")
+        raise ModelLoadError(f"{what} is {file_kind(info.st_mode)}, not a regular file: refused")
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError as error:
